@@ -1,0 +1,9 @@
+"""Config schemas and loading (no torch import)."""
+
+from alignkit.config.load import build_config, dump_config, parse_override, read_yaml
+from alignkit.config.schema import (DataConfig, GenerateConfig, LoraConfig, ModelConfig,
+                                    PretrainConfig, SFTConfig, TrainConfig)
+
+__all__ = ["build_config", "dump_config", "parse_override", "read_yaml", "DataConfig",
+           "GenerateConfig", "LoraConfig", "ModelConfig", "PretrainConfig", "SFTConfig",
+           "TrainConfig"]

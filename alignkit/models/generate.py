@@ -1,0 +1,217 @@
+"""Batched sampling with a KV cache: greedy, or temperature with nucleus (top-p), reproducible.
+
+Our own loop rather than ``model.generate`` because PPO needs what it hides: the log-probability of
+every sampled token, exact control of which positions count, and one code path for plain and PEFT
+models. Greedy output matches ``model.generate(do_sample=False)`` token for token (tested).
+
+How a batch runs: prompts are sorted by length (less padding) and left-padded, so every row's next
+token comes from the last column. The prompt runs once; then each step feeds only the new token,
+with the cache, an attention mask that grows by one column, and explicit position ids (real
+tokens counted, so padding never shifts positions). A row that produced a stop token is finished:
+it is fed padding (masked out) from then on, and the batch ends when every row is finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.models.lora import is_peft
+
+
+@dataclass
+class Generation:
+    """One prompt's completion.
+
+    ``completion_ids`` ends with the stop token when ``finished`` (the stop token is left out of
+    ``text``). ``text`` decodes the completion without special tokens. ``logps[i]`` is the fp32
+    log-probability of ``completion_ids[i]`` under the model's raw next-token distribution
+    (temperature 1, no top-p): the policy's own log-prob, as PPO's ratio and KL need it, whatever
+    temperature sampled it. ``None`` unless asked for.
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finished: bool  # stopped at a stop token (not at max_new_tokens)
+    logps: list[float] | None = None
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
+             stop_token_ids: list[int] | None = None, return_logps: bool = False,
+             autocast_dtype: torch.dtype | None = None) -> list[Generation]:
+    """Complete each prompt (token ids); results come back in the order of ``prompts``.
+
+    ``temperature == 0`` is greedy; otherwise tokens are sampled from softmax(logits / temperature)
+    cut to the nucleus ``top_p``, with a ``torch.Generator`` seeded from ``seed``: the same call
+    (same prompts, ``batch_size`` and device) gives the same samples. Greedy results do not depend
+    on ``batch_size`` beyond floating-point noise; samples do (rows share one random stream).
+    Stop tokens default to the tokenizer's EOS plus the model's ``generation_config`` EOS ids.
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forwards under ``torch.autocast``.
+    The model runs in eval mode (no dropout); each module's train/eval mode is restored after.
+    """
+    _check_args(prompts, max_new_tokens, temperature, top_p, batch_size)
+    device = next(model.parameters()).device
+    sampler = _Sampler(temperature, top_p, torch.Generator(device=device).manual_seed(seed))
+    stops = _stop_ids(model, tokenizer, stop_token_ids)
+    pad_id = _pad_id(tokenizer, stops)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: ties keep order
+    results: list[Generation | None] = [None] * len(prompts)
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext())
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with autocast:
+            for start in range(0, len(order), batch_size):
+                index = order[start:start + batch_size]
+                batch = [list(prompts[i]) for i in index]
+                tokens, logps = _generate_batch(model, batch, pad_id, stops, max_new_tokens,
+                                                sampler, return_logps)
+                for row, i in enumerate(index):
+                    results[i] = _generation(tokenizer, batch[row], tokens[row],
+                                             logps[row] if return_logps else None, stops)
+    finally:
+        for module, training in modes:
+            module.training = training
+    return results  # type: ignore[return-value]
+
+
+class _Sampler:
+    """Picks the next token from fp32 logits: argmax, or a seeded draw from the nucleus."""
+
+    def __init__(self, temperature: float, top_p: float, generator: torch.Generator) -> None:
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            probs = nucleus(probs, self.top_p)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the smallest most-likely set whose mass reaches ``top_p``.
+
+    The result is unnormalised (``torch.multinomial`` does not need it). The most likely token
+    always stays, so even a tiny ``top_p`` leaves one token (greedy). Shapes: (B, V) -> (B, V).
+    """
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V) mass ranked above each token
+    sorted_probs = sorted_probs.masked_fill(mass_above >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def _generate_batch(model, prompts: list[list[int]], pad_id: int, stops: torch.Tensor,
+                    max_new_tokens: int, sampler: _Sampler, return_logps: bool):
+    """Token ids (B, T) and, if asked, their logps (B, T) as lists; T <= max_new_tokens."""
+    if max_new_tokens == 0:
+        return [[] for _ in prompts], [[] for _ in prompts]
+    device = next(model.parameters()).device
+    step = _Forward(model)
+    input_ids, attention_mask = _left_pad(prompts, pad_id, device)  # (B, L), (B, L)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L) pads at 0, masked anyway
+    logits = step(input_ids, attention_mask, position_ids)  # (B, V) fp32
+    stops = stops.to(device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (B,)
+    tokens, logps = [], []
+    for t in range(max_new_tokens):
+        if t > 0:
+            # A row finished before this step is fed padding that nothing attends to.
+            attention_mask = torch.cat([attention_mask, alive[:, None].to(attention_mask.dtype)], 1)
+            position_ids = attention_mask.sum(-1, keepdim=True) - 1  # (B, 1)
+            logits = step(next_ids[:, None], attention_mask, position_ids)
+        next_ids = sampler(logits).masked_fill(finished, pad_id)  # (B,)
+        tokens.append(next_ids)
+        if return_logps:
+            logps.append(torch.log_softmax(logits, dim=-1).gather(-1, next_ids[:, None])[:, 0])
+        alive = ~finished
+        finished = finished | torch.isin(next_ids, stops)
+        if bool(finished.all()):  # one host sync per step, so a batch can stop early
+            break
+    # One transfer to the host for the whole batch.
+    token_rows = torch.stack(tokens, 1).tolist()
+    return token_rows, torch.stack(logps, 1).tolist() if return_logps else None
+
+
+class _Forward:
+    """One forward through the model carrying its KV cache; returns the last position's fp32 logits.
+
+    Copes with both spellings of the cache argument (``cache`` in transformers >= 5.x,
+    ``past_key_values`` before) and asks for the last position's logits only where the model
+    supports ``logits_to_keep`` (the prompt's full (B, L, V) logits would be wasted memory).
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        base = model.get_base_model() if is_peft(model) else model
+        params = inspect.signature(base.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.cache = None
+
+    def __call__(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        kwargs = {self.cache_arg: self.cache} if self.cache is not None else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, use_cache=True, **kwargs, **self.keep)
+        cache = getattr(out, "cache", None)
+        self.cache = cache if cache is not None else out.past_key_values
+        return out.logits[:, -1, :].float()  # log-softmax and sampling in fp32
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, length - len(prompt):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _generation(tokenizer, prompt: list[int], tokens: list[int], logps: list[float] | None,
+                stops: torch.Tensor) -> Generation:
+    """Cut a row at its first stop token (kept in the ids, left out of the text)."""
+    stop_set = set(stops.tolist())
+    end = next((i + 1 for i, tok in enumerate(tokens) if tok in stop_set), None)
+    finished = end is not None
+    completion = tokens[:end] if finished else tokens
+    shown = completion[:-1] if finished else completion
+    text = tokenizer.decode(shown, skip_special_tokens=True)
+    return Generation(prompt_ids=prompt, completion_ids=completion, text=text, finished=finished,
+                      logps=logps[:len(completion)] if logps is not None else None)
+
+
+def _stop_ids(model, tokenizer, stop_token_ids: list[int] | None) -> torch.Tensor:
+    if stop_token_ids is None:
+        stop_token_ids = [tokenizer.eos_token_id]
+        generation_config = getattr(model, "generation_config", None)
+        eos = getattr(generation_config, "eos_token_id", None)
+        stop_token_ids += eos if isinstance(eos, list) else [eos]
+    ids = sorted({int(i) for i in stop_token_ids if i is not None})
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _pad_id(tokenizer, stops: torch.Tensor) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return int(stops[0]) if len(stops) else 0
+
+
+def _check_args(prompts, max_new_tokens: int, temperature: float, top_p: float,
+                batch_size: int) -> None:
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0 or batch_size < 1:
+        raise ValueError("max_new_tokens must be >= 0 and batch_size >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError("temperature must be >= 0 and top_p in (0, 1]")

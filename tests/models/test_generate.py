@@ -1,0 +1,168 @@
+"""alignkit.models.generate: our batched KV-cache sampler against transformers and a full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit.config.schema import LoraConfig
+from alignkit.models.generate import Generation, generate, nucleus
+from alignkit.models.lora import apply_lora, merge_lora
+
+TEXTS = ["hello", "a much longer prompt, with more tokens", "x", "mid-sized one", "ok then"]
+
+
+@pytest.fixture
+def setup(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(t) for t in TEXTS]
+    # The random tiny model rarely emits EOS; stop at a token it does produce, so rows finish at
+    # different steps and the batch has to keep finished rows padded.
+    stop = generate(model, tokenizer, prompts[:1], max_new_tokens=8)[0].completion_ids[2]
+    return model, tokenizer, prompts, stop
+
+
+def hf_greedy(model, tokenizer, prompts, max_new_tokens, stop):
+    """transformers' own greedy search on a left-padded batch, cut at the first stop token."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=[stop])
+    rows = out[:, batch["input_ids"].shape[1]:].tolist()
+    return [row[:row.index(stop) + 1] if stop in row else row for row in rows]
+
+
+def test_greedy_matches_transformers(setup):
+    model, tokenizer, prompts, stop = setup
+    ours = generate(model, tokenizer, prompts, max_new_tokens=12, stop_token_ids=[stop], batch_size=8)
+    ours_ids = [g.completion_ids for g in ours]
+    assert ours_ids == hf_greedy(model, tokenizer, prompts, 12, stop)
+    assert ours_ids == [hf_greedy(model, tokenizer, [p], 12, stop)[0] for p in prompts]
+    finished = [g.finished for g in ours]
+    assert any(finished) and not all(finished)  # the test covers both kinds of rows
+    for g in ours:
+        assert len(g.completion_ids) == (g.completion_ids.index(stop) + 1 if g.finished else 12)
+
+
+def test_results_in_input_order_and_batch_size_invariant(setup):
+    model, tokenizer, prompts, stop = setup
+    runs = [generate(model, tokenizer, prompts, max_new_tokens=10, stop_token_ids=[stop],
+                     batch_size=b) for b in (1, 2, 8)]
+    for gens in runs:
+        assert [g.prompt_ids for g in gens] == prompts
+        assert all(isinstance(g, Generation) for g in gens)
+    assert [g.completion_ids for g in runs[0]] == [g.completion_ids for g in runs[1]]
+    assert [g.completion_ids for g in runs[0]] == [g.completion_ids for g in runs[2]]
+
+
+def test_stop_token_in_ids_not_in_text(setup):
+    model, tokenizer, prompts, stop = setup
+    [g] = generate(model, tokenizer, prompts[:1], max_new_tokens=8, stop_token_ids=[stop])
+    assert g.finished and g.completion_ids[-1] == stop and stop not in g.completion_ids[:-1]
+    assert g.text == tokenizer.decode(g.completion_ids[:-1])
+    [g] = generate(model, tokenizer, prompts[:1], max_new_tokens=5, stop_token_ids=[])
+    assert not g.finished and len(g.completion_ids) == 5
+    [g] = generate(model, tokenizer, prompts[:1], max_new_tokens=0)
+    assert g.completion_ids == [] and g.text == "" and not g.finished
+
+
+def favour(model, token_id: int):
+    """Make ``token_id`` the model's every greedy choice (a large bias on the LM head's output)."""
+    bias = torch.zeros(model.config.vocab_size)
+    bias[token_id] = 100.0
+    return model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+
+
+def test_default_stops_are_eos_and_generation_config_eos(tiny):
+    model, tokenizer = tiny
+    hook = favour(model, tokenizer.eos_token_id)
+    [g] = generate(model, tokenizer, [[1, 40]], max_new_tokens=5)
+    assert g.completion_ids == [2] and g.finished and g.text == ""
+    [g] = generate(model, tokenizer, [[1, 40]], max_new_tokens=5, stop_token_ids=[])
+    assert g.completion_ids == [2] * 5 and not g.finished
+    hook.remove()
+    favour(model, 7)
+    model.generation_config.eos_token_id = [7, 2]
+    [g] = generate(model, tokenizer, [[1, 40]], max_new_tokens=5)
+    assert g.completion_ids == [7] and g.finished
+
+
+def test_sampling_is_reproducible(setup):
+    model, tokenizer, prompts, _ = setup
+    kwargs = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, batch_size=2, stop_token_ids=[])
+    first = generate(model, tokenizer, prompts, seed=3, **kwargs)
+    again = generate(model, tokenizer, prompts, seed=3, **kwargs)
+    other = generate(model, tokenizer, prompts, seed=4, **kwargs)
+    assert [g.completion_ids for g in first] == [g.completion_ids for g in again]
+    assert [g.completion_ids for g in first] != [g.completion_ids for g in other]
+
+
+def test_tiny_top_p_is_greedy(setup):
+    model, tokenizer, prompts, _ = setup
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=8, stop_token_ids=[])
+    nucleus_of_one = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=1.5,
+                              top_p=1e-6, stop_token_ids=[])
+    assert [g.completion_ids for g in nucleus_of_one] == [g.completion_ids for g in greedy]
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    probs = torch.tensor([[0.1, 0.5, 0.2, 0.2], [0.25, 0.25, 0.25, 0.25]])
+    # Row 0 sorted: 0.5, 0.2, 0.2, 0.1 -> cumulative 0.5, 0.7, 0.9: top_p 0.7 keeps the first two
+    # (mass above the third is 0.7 >= 0.7). Which 0.2 survives is the sort's tie-break: either.
+    kept = nucleus(probs, 0.7)
+    assert kept[0, 1] == 0.5 and kept[0, 0] == 0 and (kept[0, 2:] > 0).sum() == 1
+    # Row 1: 0.25 each; mass above the 3rd is 0.5 < 0.7 (kept), above the 4th 0.75 (dropped).
+    assert (kept[1] > 0).sum() == 3
+    assert torch.equal(nucleus(probs, 1.0), probs)
+
+
+def test_logps_equal_a_full_forward(setup):
+    model, tokenizer, prompts, _ = setup
+    gens = generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0.8, top_p=0.9,
+                    batch_size=3, return_logps=True, stop_token_ids=[])
+    for g in gens:
+        ids = torch.tensor([g.prompt_ids + g.completion_ids])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(ids).logits[0].float(), dim=-1)  # (T, V)
+        n = len(g.prompt_ids)
+        positions = torch.arange(n - 1, n - 1 + len(g.completion_ids))
+        expected = logps[positions, torch.tensor(g.completion_ids)]
+        assert len(g.logps) == len(g.completion_ids)
+        torch.testing.assert_close(torch.tensor(g.logps), expected, rtol=0, atol=1e-5)
+    assert generate(model, tokenizer, prompts[:1], max_new_tokens=3)[0].logps is None
+
+
+def test_peft_model_and_train_mode_restored(setup):
+    model, tokenizer, prompts, stop = setup
+    peft_model = apply_lora(model, LoraConfig(enabled=True, r=4, dropout=0.5))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.05)
+    peft_model.train()
+    peft_model.base_model.model.model.layers[0].eval()  # a mixed state must come back as it was
+    modes = [m.training for m in peft_model.modules()]
+    ours = generate(peft_model, tokenizer, prompts, max_new_tokens=8, stop_token_ids=[stop])
+    assert [m.training for m in peft_model.modules()] == modes
+    merged = merge_lora(peft_model).eval()
+    # Dropout was off while generating: the PEFT model generates what its merged copy does.
+    assert ([g.completion_ids for g in ours]
+            == [g.completion_ids for g in generate(merged, tokenizer, prompts, max_new_tokens=8,
+                                                   stop_token_ids=[stop])])
+
+
+def test_bf16_autocast_runs(setup):
+    model, tokenizer, prompts, _ = setup
+    gens = generate(model, tokenizer, prompts, max_new_tokens=4, autocast_dtype=torch.bfloat16,
+                    return_logps=True, stop_token_ids=[])
+    assert all(len(g.completion_ids) == 4 and all(lp <= 0 for lp in g.logps) for g in gens)
+
+
+def test_bad_arguments(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError):
+        generate(model, tokenizer, [[]])
+    with pytest.raises(ValueError):
+        generate(model, tokenizer, [[1]], top_p=0.0)
+    with pytest.raises(ValueError):
+        generate(model, tokenizer, [[1]], temperature=-1.0)

@@ -1,0 +1,151 @@
+"""Command line: argument parsing only; the work lives in stages/ and models/.
+
+Every user-facing failure is one line on stderr and exit code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from alignkit.errors import AlignkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  help="alignkit: align language models (SFT, reward models, PPO, DPO, "
+                       "Constitutional AI) and measure what alignment did.")
+
+# Shared options of every training stage (typer reads the defaults; None = "not given").
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file; flags override it.")
+ModelOpt = typer.Option(None, help="HF hub id, local folder, .gguf file, run folder or 'tiny'. "
+                                   "Default: the embedded SmolLM2-135M-Instruct.")
+DataOpt = typer.Option(None, help="Training data: .jsonl/.json/.csv/.parquet, a saved HF dataset "
+                                  "folder, or hub:NAME. Default: the shipped demo set.")
+OutputOpt = typer.Option(None, "--output", "-o", help="Run folder to write (resumed if unfinished).")
+MaxStepsOpt = typer.Option(None, help="Optimizer steps (overrides --epochs).")
+EpochsOpt = typer.Option(None, help="Passes over the training data.")
+BatchOpt = typer.Option(None, help="Examples per optimizer step per process.")
+AccumOpt = typer.Option(None, help="Micro-batches per optimizer step (gradient accumulation).")
+LrOpt = typer.Option(None, help="Peak learning rate.")
+SeedOpt = typer.Option(None, help="Random seed (data order, initialisation, sampling).")
+LoraOpt = typer.Option(None, "--lora/--no-lora", help="Train LoRA adapters instead of all weights.")
+TemplateOpt = typer.Option(None, help="chat (the tokenizer's chat template), inst "
+                                      "([INST] … [/INST]), plain, or auto.")
+MaxLenOpt = typer.Option(None, help="Maximum tokens per example (longer ones are truncated "
+                                    "per data.truncation).")
+PrecisionOpt = typer.Option(None, help="auto (bf16 where fast), bf16 or fp32.")
+DeviceOpt = typer.Option(None, help="auto, cpu or cuda.")
+SetOpt = typer.Option(None, "--set", help="Any config key: --set train.warmup_ratio=0.1 (repeatable).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Delete the output folder first.")
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    mapping = {"model": "model.name_or_path", "data": "data.path", "output": "output",
+               "max_steps": "train.max_steps", "epochs": "train.epochs",
+               "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
+               "lr": "train.lr", "seed": "train.seed", "lora": "model.lora.enabled",
+               "template": "data.template", "max_length": "data.max_length",
+               "precision": "train.precision", "device": "train.device"}
+    out = {mapping[k]: v for k, v in flags.items() if k in mapping and v is not None}
+    from alignkit.config.load import parse_override
+    for item in flags.get("set") or []:
+        key, value = parse_override(item)
+        out[key] = value
+    return out
+
+
+def _train_stage(schema, config, overwrite, **flags) -> None:
+    from alignkit.config.load import build_config
+    from alignkit.stages import sft
+    cfg = build_config(schema, path=config, overrides=_overrides(**flags))
+    sft.run(cfg, overwrite=overwrite)
+
+
+@app.command()
+def sft(config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt,
+        data: Optional[str] = DataOpt, output: Optional[str] = OutputOpt,
+        max_steps: Optional[int] = MaxStepsOpt, epochs: Optional[float] = EpochsOpt,
+        batch_size: Optional[int] = BatchOpt, grad_accum: Optional[int] = AccumOpt,
+        lr: Optional[float] = LrOpt, seed: Optional[int] = SeedOpt,
+        lora: Optional[bool] = LoraOpt, template: Optional[str] = TemplateOpt,
+        max_length: Optional[int] = MaxLenOpt, precision: Optional[str] = PrecisionOpt,
+        device: Optional[str] = DeviceOpt, set: Optional[list[str]] = SetOpt,
+        overwrite: bool = OverwriteOpt) -> None:
+    """Supervised fine-tuning: loss on the response tokens only."""
+    from alignkit.config.schema import SFTConfig
+    _train_stage(SFTConfig, config, overwrite, **{k: v for k, v in locals().items()
+                                                  if k not in ("config", "overwrite")})
+
+
+@app.command()
+def pretrain(config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt,
+             data: Optional[str] = DataOpt, output: Optional[str] = OutputOpt,
+             max_steps: Optional[int] = MaxStepsOpt, epochs: Optional[float] = EpochsOpt,
+             batch_size: Optional[int] = BatchOpt, grad_accum: Optional[int] = AccumOpt,
+             lr: Optional[float] = LrOpt, seed: Optional[int] = SeedOpt,
+             lora: Optional[bool] = LoraOpt, max_length: Optional[int] = MaxLenOpt,
+             precision: Optional[str] = PrecisionOpt, device: Optional[str] = DeviceOpt,
+             set: Optional[list[str]] = SetOpt, overwrite: bool = OverwriteOpt) -> None:
+    """(Continued) pre-training: next-token loss on raw text packed into fixed blocks."""
+    from alignkit.config.schema import PretrainConfig
+    _train_stage(PretrainConfig, config, overwrite, **{k: v for k, v in locals().items()
+                                                       if k not in ("config", "overwrite")})
+
+
+@app.command()
+def generate(prompts: Optional[list[str]] = typer.Argument(None, help="Prompts (or use --file)."),
+             file: Optional[Path] = typer.Option(None, help="Prompts: .txt (one per line) or "
+                                                 ".jsonl with a 'prompt' field."),
+             model: Optional[str] = ModelOpt, template: str = typer.Option("auto", help="chat, inst, plain or auto."),
+             system: Optional[str] = typer.Option(None, help="System prompt."),
+             max_new_tokens: int = typer.Option(128), temperature: float = typer.Option(
+                 0.0, help="0 = greedy."), top_p: float = typer.Option(1.0),
+             batch_size: int = typer.Option(8), seed: int = typer.Option(0),
+             precision: str = typer.Option("auto", help="auto, bf16 or fp32."),
+             output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                                   help="JSONL file (default: stdout)."),
+             lab: bool = typer.Option(False, "--lab", help="Use the lesson's five lab prompts.")
+             ) -> None:
+    """Generate answers (batched, KV cache); JSONL out."""
+    from alignkit.cli.generate import run_generate
+    run_generate(prompts=list(prompts or []), file=file, model=model, template=template,
+                 system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_p=top_p, batch_size=batch_size, seed=seed, precision=precision,
+                 output=output, lab=lab)
+
+
+@app.command()
+def demo(output: str = typer.Option("runs/demo", "--output", "-o"),
+         quick: bool = typer.Option(False, help="A tiny random model and a few steps (for tests)."),
+         max_steps: Optional[int] = typer.Option(None, help="SFT steps (default: one epoch)."),
+         overwrite: bool = OverwriteOpt) -> None:
+    """The main job: SFT the embedded SmolLM2-135M on the shipped instruction set (lesson
+    [INST] format, bf16) and print its answers to the lesson's five lab prompts before and after."""
+    from alignkit.cli.demo import run_demo
+    run_demo(output=output, quick=quick, max_steps=max_steps, overwrite=overwrite)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except AlignkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click's usage errors arrive here with standalone_mode=False
+        import click
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

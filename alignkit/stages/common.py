@@ -1,0 +1,121 @@
+"""What every training stage shares: the run folder protocol and the token-level LM loss module.
+
+Run folder ``<output>/``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/``, the
+final model in Hugging Face layout, ``data_report.json``, and ``DONE`` written last. A folder
+without ``DONE`` is an unfinished run and is resumed, never taken for a result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import BaseModel
+
+from alignkit.engine import dist
+from alignkit.errors import AlignkitError
+from alignkit.losses.logprobs import shifted_targets
+from alignkit.losses.sft import sft_loss
+
+DONE = "DONE"
+
+
+class RunDir:
+    def __init__(self, output: str | Path, cfg: BaseModel, *, overwrite: bool = False) -> None:
+        self.path = Path(output)
+        self.cfg = cfg
+        if overwrite and dist.is_main() and self.path.exists():
+            shutil.rmtree(self.path)
+        dist.barrier()
+
+    @property
+    def done(self) -> bool:
+        return (self.path / DONE).is_file()
+
+    def prepare(self) -> None:
+        """Create the folder and write the resolved config; refuse to mix two different runs.
+        Rank 0 decides and every rank learns the verdict (no rank may skip the collective)."""
+        problem = self._check_or_write() if dist.is_main() else None
+        problem = dist.broadcast_object(problem)
+        if problem:
+            raise AlignkitError(problem)
+
+    def _check_or_write(self) -> str | None:
+        cfg_file = self.path / "config.yaml"
+        if cfg_file.is_file():
+            old = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+            key = _first_difference(old, self.cfg.model_dump(mode="json"))
+            if key is not None:
+                return (f"{self.path} holds a run with a different config (first difference: "
+                        f"'{key}'); choose another --output or pass --overwrite")
+            return None
+        from alignkit.config.load import dump_config
+        self.path.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, cfg_file)
+        return None
+
+    def write_json(self, name: str, data: dict) -> None:
+        if dist.is_main():
+            tmp = self.path / f".{name}.tmp"
+            tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+            tmp.replace(self.path / name)
+
+    def save_model(self, model, tokenizer) -> None:
+        """Save the final model into the run folder itself (so ``from_pretrained(output)`` loads it),
+        staged in a temporary folder first; ``DONE`` is what makes the run complete."""
+        if not dist.is_main():
+            return
+        from alignkit.models.load import save_model
+        stage = self.path / ".model-tmp"
+        shutil.rmtree(stage, ignore_errors=True)
+        save_model(model, tokenizer, stage)
+        for item in stage.iterdir():
+            target = self.path / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+        stage.rmdir()
+
+    def finish(self, summary: dict) -> None:
+        self.write_json(DONE, summary)
+        dist.barrier()
+
+
+def _first_difference(a, b, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d is not None:
+                return d
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+def split_lm(model: torch.nn.Module):
+    """(trunk, lm_head) of a Hugging Face causal LM, also through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+class CausalLMLoss(torch.nn.Module):
+    """forward(input_ids, attention_mask, loss_mask) → (Σ token NLL, {"token_acc": Σ correct}).
+
+    The LM head runs only on positions that predict a target token: prompt and padding
+    positions never pay for the (V × H) projection, and log-softmax runs in fp32.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, loss_mask):
+        trunk, head = split_lm(self.model)
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                       use_cache=False).last_hidden_state  # (B, T, H)
+        positions, labels = shifted_targets(input_ids, loss_mask)
+        logits = head(hidden[positions])  # (N, V)
+        out = sft_loss(logits, labels)
+        return out.token_losses.sum(), {"token_acc": out.correct.sum()}

@@ -40,7 +40,8 @@ def _answers(model_name: str | None, prompts: list[str], out: Path, *, template:
 
 def demo_sft_config(output: Path, *, quick: bool, max_steps: int | None) -> SFTConfig:
     train = TrainConfig(epochs=3, batch_size=8, lr=5e-5, warmup_ratio=0.1, schedule="cosine",
-                        eval_every=None, save_every=10, seed=0, max_steps=max_steps)
+                        eval_every=None, save_every=20, keep_checkpoints=1, seed=0,
+                        max_steps=max_steps)
     model = ModelConfig(name_or_path="tiny" if quick else None)
     if quick:
         train = train.model_copy(update={"max_steps": max_steps or 4, "save_every": 2,
@@ -92,5 +93,6 @@ def _print_table(prompts, before, after) -> None:
     table.add_column("before", ratio=2)
     table.add_column("after", ratio=2)
     for p, b, a in zip(prompts, before, after):
-        table.add_row(p, b.strip(), a.strip())
+        table.add_row(p, b.strip() or "(no answer: it ended its turn at once)",
+                      a.strip() or "(no answer: it ended its turn at once)")
     Console().print(table)

@@ -101,9 +101,12 @@ def generate(prompts: Optional[list[str]] = typer.Argument(None, help="Prompts (
                                                  ".jsonl with a 'prompt' field."),
              model: Optional[str] = ModelOpt, template: str = typer.Option("auto", help="chat, inst, plain or auto."),
              system: Optional[str] = typer.Option(None, help="System prompt."),
-             max_new_tokens: int = typer.Option(128), temperature: float = typer.Option(
-                 0.0, help="0 = greedy."), top_p: float = typer.Option(1.0),
-             batch_size: int = typer.Option(8), seed: int = typer.Option(0),
+             max_new_tokens: int = typer.Option(128, help="Most tokens per answer."),
+             temperature: float = typer.Option(0.0, help="Sampling temperature; 0 = greedy."),
+             top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest set of "
+                                                   "tokens with this much probability."),
+             batch_size: int = typer.Option(8, help="Prompts generated together."),
+             seed: int = typer.Option(0, help="Sampling seed."),
              precision: str = typer.Option("auto", help="auto, bf16 or fp32."),
              output: Optional[Path] = typer.Option(None, "--output", "-o",
                                                    help="JSONL file (default: stdout)."),
@@ -129,6 +132,7 @@ def demo(output: str = typer.Option("runs/demo", "--output", "-o"),
 
 
 def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except AlignkitError as e:
@@ -145,6 +149,18 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(1)
         raise
+
+
+def _quiet_libraries() -> None:
+    """Our own progress line is the one that matters; the libraries' load/save bars are noise."""
+    import os
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 if __name__ == "__main__":

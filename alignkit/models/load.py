@@ -83,6 +83,10 @@ def _looks_local(name: str) -> bool:
     if name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or name.endswith(".gguf"):
         return True
     has_separator = os.sep in name or "/" in name or (os.altsep is not None and os.altsep in name)
+    if has_separator and os.path.isdir(name.split("/")[0]):
+        # "runs/sft" where ./runs exists is a missing run folder, not a hub id: say so at once
+        # instead of spending a minute on hub retries.
+        return True
     return has_separator and not _HUB_ID.match(name)
 
 
@@ -190,6 +194,11 @@ def load_causal_lm(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32,
     config = model.config
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id
+    device = torch.device(device)
+    attn = cfg.attn_implementation
+    if attn == "auto":
+        attn = "eager" if device.type == "cpu" else "sdpa"
+    model.set_attn_implementation(attn)
     return model.to(device).eval(), tokenizer
 
 

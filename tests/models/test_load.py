@@ -87,7 +87,7 @@ def test_import_is_light():
 
 
 def test_tiny_load(tiny):
-    model, tokenizer = load_causal_lm(ModelConfig(name_or_path="tiny"))
+    model, tokenizer = load_causal_lm(ModelConfig(name_or_path="tiny", attn_implementation="sdpa"))
     assert not model.training
     assert tokenizer.pad_token_id == 0 and model.config.pad_token_id == 0
     assert torch.equal(logits(model), logits(tiny[0]))
@@ -114,7 +114,8 @@ def test_save_model_reloads_with_transformers(tmp_path, tiny):
 def test_folder_round_trip_via_load_causal_lm(tmp_path, tiny):
     model, tokenizer = tiny
     save_model(model, tokenizer, tmp_path / "m")
-    again, tok = load_causal_lm(ModelConfig(name_or_path=str(tmp_path / "m")))
+    again, tok = load_causal_lm(ModelConfig(name_or_path=str(tmp_path / "m"),
+                                              attn_implementation="sdpa"))
     assert torch.equal(logits(again), logits(model))
     assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
 
@@ -149,7 +150,8 @@ def test_pad_token_falls_back_to_eos(tmp_path, tiny):
 
 
 def test_gguf_file_loads_as_a_plain_model(tmp_path, tiny_gguf, tiny):
-    model, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(tiny_gguf)))
+    model, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(tiny_gguf),
+                                                  attn_implementation="sdpa"))
     assert getattr(model, "hf_quantizer", None) is None
     assert getattr(model.config, "quantization_config", None) is None
     assert torch.equal(logits(model), logits(tiny[0]))  # fp32 in the file: exact
@@ -157,7 +159,8 @@ def test_gguf_file_loads_as_a_plain_model(tmp_path, tiny_gguf, tiny):
     assert tokenizer.encode(text) == tiny[1].encode(text)
     assert tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 0
     # The same file named as folder + gguf_file, and saved back as a normal folder.
-    again, _ = load_causal_lm(ModelConfig(name_or_path=str(tiny_gguf.parent), gguf_file=tiny_gguf.name))
+    again, _ = load_causal_lm(ModelConfig(name_or_path=str(tiny_gguf.parent), gguf_file=tiny_gguf.name,
+                                          attn_implementation="sdpa"))
     assert torch.equal(logits(again), logits(tiny[0]))
     save_model(model, tokenizer, tmp_path / "saved")
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")),
@@ -262,3 +265,19 @@ def test_embedded_model_answers_a_chat_prompt():
     [answer] = generate(model, tokenizer, [tokenizer.encode(prompt)], max_new_tokens=24)
     assert answer.text.strip()
     assert "Paris" in answer.text
+
+
+def test_missing_folder_under_an_existing_directory_is_local(tmp_path, monkeypatch):
+    from alignkit.errors import InputError
+    from alignkit.models.load import resolve_model_path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(InputError, match="model path not found"):
+        resolve_model_path("runs/sft")
+    assert resolve_model_path("someorg/somemodel") == "someorg/somemodel"  # still a hub id
+
+
+def test_attention_implementation_auto_is_eager_on_cpu_and_numerically_the_same(tiny):
+    eager, _ = load_causal_lm(ModelConfig(name_or_path="tiny"))
+    assert eager.config._attn_implementation == "eager"
+    torch.testing.assert_close(logits(eager), logits(tiny[0]), rtol=1e-5, atol=1e-5)

@@ -161,3 +161,19 @@ def test_two_torchrun_processes_equal_one_process(data, tmp_path):
     b = load_file(str(tmp_path / "two" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_sft_on_the_shared_alpaca_sample(shared_data, tmp_path):
+    """The issue's acceptance command, on the tiny model: 20 steps on real Alpaca records."""
+    alpaca = shared_data / "alpaca" / "alpaca_train.jsonl"
+    cfg = build_config(SFTConfig, overrides={
+        "model.name_or_path": "tiny", "data.path": str(alpaca), "output": str(tmp_path / "a"),
+        "train.max_steps": 20, "train.batch_size": 4, "train.lr": 2e-3, "data.max_length": 256,
+        "train.precision": "fp32", "train.progress": False, "data.max_examples": 400,
+        "train.warmup_steps": 0})
+    out = sft.run(cfg, log=lambda *_: None)
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out)

@@ -131,6 +131,11 @@ def demo(output: str = typer.Option("runs/demo", "--output", "-o"),
     run_demo(output=output, quick=quick, max_steps=max_steps, overwrite=overwrite)
 
 
+# Stage commands that live in their own modules register themselves on `app` when imported.
+from alignkit.cli import dpo as _dpo  # noqa: E402,F401
+from alignkit.cli import reward as _reward  # noqa: E402,F401
+
+
 def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     try:

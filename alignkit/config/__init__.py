@@ -1,9 +1,10 @@
 """Config schemas and loading (no torch import)."""
 
 from alignkit.config.load import build_config, dump_config, parse_override, read_yaml
-from alignkit.config.schema import (DataConfig, GenerateConfig, LoraConfig, ModelConfig,
-                                    PretrainConfig, SFTConfig, TrainConfig)
+from alignkit.config.schema import (DataConfig, DPOConfig, GenerateConfig, LoraConfig,
+                                    ModelConfig, PreferenceDataConfig, PretrainConfig,
+                                    RewardConfig, SFTConfig, TrainConfig)
 
 __all__ = ["build_config", "dump_config", "parse_override", "read_yaml", "DataConfig",
            "GenerateConfig", "LoraConfig", "ModelConfig", "PretrainConfig", "SFTConfig",
-           "TrainConfig"]
+           "TrainConfig", "DPOConfig", "PreferenceDataConfig", "RewardConfig"]

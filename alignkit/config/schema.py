@@ -118,6 +118,58 @@ class PretrainConfig(_Strict):
     output: str = "runs/pretrain"
 
 
+class PreferenceDataConfig(_Strict):
+    """Preference data: pairs (prompt/chosen/rejected), HH-RLHF transcripts, or ranked lists."""
+
+    path: str | None = None
+    split: str = "train"
+    format: Literal["auto", "pairs", "hh", "ranked"] = "auto"
+    template: Literal["auto", "chat", "inst", "plain"] = "auto"
+    max_length: int = Field(512, gt=8)  # prompt + one completion, in tokens
+    # truncate_left: drop the start of the prompt first, then cut completions at the end;
+    # drop: skip the pair (counted and reported).
+    truncation: Literal["truncate_left", "drop"] = "truncate_left"
+    eval_path: str | None = None
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    eval_max_examples: int = Field(256, ge=0)
+    max_examples: int | None = Field(None, gt=0)
+    system_prompt: str | None = None
+
+
+class RewardConfig(_Strict):
+    """Reward model: a scalar head on the last real token of a causal-LM trunk."""
+
+    stage: Literal["reward"] = "reward"
+    model: ModelConfig = ModelConfig()
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    train: TrainConfig = TrainConfig(lr=1e-5)
+    # Ranked lists: all K(K-1)/2 pairs weighted as one example (InstructGPT) or the
+    # Plackett-Luce listwise likelihood. Pairs always use Bradley-Terry.
+    ranked_loss: Literal["pairs", "plackett_luce"] = "pairs"
+    center_rewards: float = Field(0.0, ge=0.0)  # coefficient of (r_c + r_r)^2
+    output: str = "runs/reward"
+
+
+class DPOConfig(_Strict):
+    """Direct preference optimisation and its variants."""
+
+    stage: Literal["dpo"] = "dpo"
+    model: ModelConfig = ModelConfig()
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    train: TrainConfig = TrainConfig(lr=1e-6)
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge", "simpo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    simpo_gamma: float = 0.5
+    # Ranked lists: expand into pairs, or the Plackett-Luce DPO objective (DPO paper, A.3).
+    ranked_loss: Literal["pairs", "plackett_luce"] = "pairs"
+    # Reference: auto = adapters disabled with LoRA, else log-probs precomputed once;
+    # copy = a frozen second model in memory.
+    reference: Literal["auto", "copy", "adapters", "precomputed"] = "auto"
+    reference_model: str | None = None  # default: the starting policy
+    output: str = "runs/dpo"
+
+
 class GenerateConfig(_Strict):
     model: ModelConfig = ModelConfig()
     template: Literal["auto", "chat", "inst", "plain"] = "auto"

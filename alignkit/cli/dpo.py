@@ -1,0 +1,3 @@
+"""`alignkit dpo` commands (registered on the app in alignkit.cli.main)."""
+
+from __future__ import annotations

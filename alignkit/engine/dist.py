@@ -35,8 +35,15 @@ def is_main() -> bool:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place, and returned). A sync point: call once per step, not per metric."""
-    if td.is_initialized():
-        td.all_reduce(t, op=td.ReduceOp.SUM)
+    if not td.is_initialized():
+        return t
+    if td.get_backend() == "nccl" and t.device.type != "cuda":
+        # NCCL reduces GPU tensors only; host-side counts take a round trip.
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        td.all_reduce(on_gpu, op=td.ReduceOp.SUM)
+        t.copy_(on_gpu.cpu())
+        return t
+    td.all_reduce(t, op=td.ReduceOp.SUM)
     return t
 
 

@@ -24,5 +24,10 @@ class InputError(AlignkitError):
         super().__init__(f"{where}{what}{message}".replace("\n", " "))
 
 
+class EmptyFieldError(InputError):
+    """A required text field is present but empty: an error, or a counted skip where the
+    caller asks for that (real data sets carry a few such records)."""
+
+
 class TrainingError(AlignkitError):
     """Training had to stop (NaN/inf, divergence): the message says where and what was kept."""

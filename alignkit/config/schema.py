@@ -65,6 +65,9 @@ class DataConfig(_Strict):
     eval_max_examples: int = Field(256, ge=0)
     max_examples: int | None = Field(None, gt=0)
     system_prompt: str | None = None
+    # A record whose prompt or response is empty: skip it (counted, named in the log and in
+    # data_report.json) or stop with a one-line error.
+    on_empty: Literal["skip", "error"] = "skip"
     # pre-training: documents are packed into fixed blocks of max_length tokens.
     packing: bool = True
 

@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass
 
 from alignkit.data.sources import Record, read_records, read_text
-from alignkit.errors import InputError
+from alignkit.errors import EmptyFieldError, InputError
 
 FORMATS = ("alpaca", "prompt_completion", "instruction_response", "messages", "text")
 ROLES = ("system", "user", "assistant")
@@ -183,7 +183,7 @@ def _text(data: dict, key: str, *, path: str | None, line: int | None,
         raise InputError(f"expected a string, got {type(value).__name__}", path=path, line=line,
                          field=field)
     if not value.strip():
-        raise InputError("is empty", path=path, line=line, field=field)
+        raise EmptyFieldError("is empty", path=path, line=line, field=field)
     return value
 
 
@@ -192,11 +192,14 @@ def _source(rec: Record) -> str:
 
 
 def load_sft(path: str, *, fmt: str = "auto", system_prompt: str | None = None,
-             max_examples: int | None = None, split: str = "train") -> list[Conversation]:
+             max_examples: int | None = None, split: str = "train",
+             skipped: list[str] | None = None) -> list[Conversation]:
     """Read ``path`` and convert each record (the first ``max_examples``) to a Conversation.
 
     With ``fmt="auto"`` the format is detected from the first record and every later record
     must have the same format; a record that matches another format is an error naming its line.
+    A record with an empty text field is an error, unless ``skipped`` is given: then it is left
+    out and its one-line reason appended there, for the caller to count and report.
     """
     records = read_records(path, split=split)[:max_examples]
     if fmt == "auto":
@@ -207,7 +210,17 @@ def load_sft(path: str, *, fmt: str = "auto", system_prompt: str | None = None,
         raise InputError("this data is plain text (pre-training documents); SFT needs "
                          "conversations", path=records[0].path, line=records[0].line,
                          field="text")
-    return [to_conversation(rec, fmt, system_prompt=system_prompt) for rec in records]
+    out = []
+    for rec in records:
+        try:
+            out.append(to_conversation(rec, fmt, system_prompt=system_prompt))
+        except EmptyFieldError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+    if not out:
+        raise InputError("no usable records (every record has an empty field)", path=str(path))
+    return out
 
 
 def _check_same_format(rec: Record, fmt: str, first: Record) -> None:

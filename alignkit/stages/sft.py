@@ -50,21 +50,26 @@ def _sft_examples(cfg: DataConfig, tokenizer, seed: int, log):
     if cfg.path is None:
         log(f"no --data given: using the demo instruction set shipped with alignkit ({path})")
     template = resolve_template(cfg.template, tokenizer)
+    skipped: list[str] | None = [] if cfg.on_empty == "skip" else None
     convs = load_sft(path, fmt=cfg.format, system_prompt=cfg.system_prompt,
-                     max_examples=cfg.max_examples, split=cfg.split)
+                     max_examples=cfg.max_examples, split=cfg.split, skipped=skipped)
     if cfg.eval_path:
         train = convs
         evals = load_sft(cfg.eval_path, fmt=cfg.format, system_prompt=cfg.system_prompt,
-                         split=cfg.split)[: cfg.eval_max_examples]
+                         split=cfg.split, skipped=skipped)[: cfg.eval_max_examples]
     else:
         train, evals = split_train_eval(convs, eval_fraction=cfg.eval_fraction, seed=seed,
                                         max_eval=cfg.eval_max_examples)
     kw = dict(template=template, max_length=cfg.max_length, truncation=cfg.truncation)
     train_enc, train_rep = tokenize_sft(tokenizer, train, **kw)
     eval_enc, eval_rep = tokenize_sft(tokenizer, evals, **kw)
+    if skipped:
+        log(f"skipped {len(skipped)} records with an empty field (data.on_empty=skip): "
+            + "; ".join(skipped[:5]) + (" …" if len(skipped) > 5 else ""))
     log(f"template: {template}; train {train_rep.summary()}; eval {eval_rep.summary()}")
     return train_enc, eval_enc, {"template": template, "train": asdict(train_rep),
-                                 "eval": asdict(eval_rep), "path": path}
+                                 "eval": asdict(eval_rep), "path": path,
+                                 "skipped_empty": skipped or []}
 
 
 def _pretrain_examples(cfg: DataConfig, tokenizer, seed: int, log):

@@ -39,7 +39,8 @@ def test_bad_data_gives_one_line(tmp_path, capsys, name):
     text, *expected = CASES[name]
     data = tmp_path / "d.jsonl"
     data.write_text(text)
-    code, err = run_cli(capsys, sft_args(data, tmp_path / "out"))
+    # empty fields are a counted skip by default (real data sets have a few); strict mode errors
+    code, err = run_cli(capsys, sft_args(data, tmp_path / "out", "--set", "data.on_empty=error"))
     assert code == 2
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     assert str(data) in err
@@ -85,3 +86,16 @@ def test_help_documents_every_option():
     for flag in ["--config", "--model", "--data", "--output", "--max-steps", "--epochs",
                  "--batch-size", "--lr", "--seed", "--lora", "--no-lora", "--template", "--set"]:
         assert flag in out.stdout
+
+
+def test_empty_field_is_a_counted_skip_by_default(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    rows = [json.dumps({"instruction": f"Say {i}.", "response": str(i)}) for i in range(4)]
+    rows.insert(2, json.dumps({"instruction": "x", "response": ""}))
+    data.write_text("\n".join(rows) + "\n")
+    main(sft_args(data, tmp_path / "out", "--set", "data.eval_fraction=0",
+                  "--set", "train.progress=false"))
+    out = capsys.readouterr().out
+    assert f"skipped 1 records with an empty field" in out and f"{data}:3" in out
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["train"]["kept"] == 4 and len(report["skipped_empty"]) == 1

@@ -92,6 +92,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(None, gt=0)  # None: once at the end
+    eval_on_start: bool = False  # also evaluate before the first step (the baseline)
     save_every: int | None = Field(None, gt=0)  # None: only the final model
     keep_checkpoints: int = Field(2, gt=0)
     num_threads: int | None = Field(None, gt=0)

@@ -126,6 +126,8 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
     window = _Window()
     last: dict = {}
     eval_result = None
+    if cfg.eval_on_start and start == 0 and task.num_examples("eval") > 0:
+        metrics.write({"step": 0, **evaluate(task, net, cfg, rt)})
     model.train()
     for step in range(start, total):
         ids = order.indices(step, rank, cfg.batch_size)

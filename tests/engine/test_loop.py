@@ -122,3 +122,18 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
     assert r.resumed_from == 8
     for pa, pb in zip(full.model.parameters(), again.model.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_eval_on_start_logs_a_step_zero_baseline(tmp_path):
+    from alignkit.engine.metrics import read_metrics
+
+    class WithEval(ToyTask):
+        def num_examples(self, split):
+            return len(self.x) if split == "train" else 8
+
+    t = WithEval()
+    fit(t, t.model, cfg(max_steps=2, eval_on_start=True), CPU32, output=tmp_path,
+        log=lambda *_: None)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 2] and evals[1]["eval/loss"] < evals[0]["eval/loss"]

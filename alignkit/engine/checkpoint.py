@@ -39,8 +39,9 @@ class Checkpoint:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # contiguous clones: safetensors refuses shared storage (tied embeddings) and views.
-    return {n: p.detach().to("cpu").contiguous().clone()
+    # safetensors refuses views of shared storage; named_parameters already lists a tied
+    # weight once, so no copy is needed on the CPU (a GPU tensor is copied to the host).
+    return {n: p.detach().to("cpu").contiguous()
             for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -169,4 +169,7 @@ def _quiet_libraries() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m alignkit.cli.main`, this file is `__main__`, and the stage modules
+    # register their commands on the importable `alignkit.cli.main`: call that one.
+    from alignkit.cli.main import main as _main
+    _main()

@@ -32,7 +32,8 @@ def reward(config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt,
            device: Optional[str] = DeviceOpt, set: Optional[list[str]] = SetOpt,
            ranked_loss: Optional[str] = RankedLossOpt,
            overwrite: bool = OverwriteOpt) -> None:
-    """Reward model: a scalar head on the last token, Bradley-Terry on preference pairs."""
+    """Reward model: a scalar head on the last token, trained on preference pairs
+    (Bradley-Terry) or ranked lists."""
     from alignkit.config.load import build_config
     from alignkit.config.schema import RewardConfig
     from alignkit.stages import reward as stage
@@ -52,8 +53,10 @@ def score(model: str = typer.Option(..., help="Reward model folder (written by a
           template: str = typer.Option("auto", help="chat, inst, plain or auto; use the "
                                                     "template the model was trained with."),
           batch_size: int = typer.Option(8, min=1, help="Records scored together."),
-          max_length: Optional[int] = MaxLenOpt, precision: str = typer.Option(
-              "auto", help="auto (bf16 where fast), bf16 or fp32."),
+          max_length: Optional[int] = typer.Option(
+              None, help="Most tokens per record (default 512); a longer prompt loses its "
+                         "start, then the response its end."),
+          precision: str = typer.Option("auto", help="auto (bf16 where fast), bf16 or fp32."),
           device: str = typer.Option("auto", help="auto, cpu or cuda.")) -> None:
     """Score (prompt, response) records with a trained reward model."""
     from alignkit.stages.reward import score_file

@@ -123,11 +123,11 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
     params = [p for p in model.parameters() if p.requires_grad]
     metrics = MetricsLog(output / "metrics.jsonl", enabled=dist.is_main(), resume_step=start)
     bar = Progress(total, enabled=cfg.progress and dist.is_main(), start_step=start)
-    window = _Window()
     last: dict = {}
     eval_result = None
     if cfg.eval_on_start and start == 0 and task.num_examples("eval") > 0:
         metrics.write({"step": 0, **evaluate(task, net, cfg, rt)})
+    window = _Window()  # throughput counts training time only: evals and saves are excluded
     model.train()
     for step in range(start, total):
         ids = order.indices(step, rank, cfg.batch_size)
@@ -145,10 +145,12 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
                                               "lr": optimizer.param_groups[0]["lr"]}
             metrics.write(last)
             bar.update(done, {"loss": last["loss"], "tok/s": round(last["tokens_per_s"])})
+        t_aside = time.perf_counter()
         if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
             metrics.write({"step": done, **evaluate(task, net, cfg, rt)})
         if cfg.save_every and done % cfg.save_every == 0 and done != total:
             _save(ckpt_root, done, model, optimizer, cfg)
+        window.t0 += time.perf_counter() - t_aside
     bar.close()
     if task.num_examples("eval") > 0:
         eval_result = evaluate(task, net, cfg, rt)

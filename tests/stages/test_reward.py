@@ -1,0 +1,229 @@
+"""Reward stage on the tiny model: it learns an obvious preference, ranked lists and soft labels
+train, the loss module equals the loss functions it is built from, a resumed run is
+bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import alignkit.engine.loop as loop
+from alignkit.config import RewardConfig, build_config
+from alignkit.config.schema import ModelConfig
+from alignkit.data.preference import EncodedPair, EncodedRanked, collate_pairs, collate_ranked
+from alignkit.engine.metrics import read_metrics
+from alignkit.errors import InputError
+from alignkit.losses.reward import (bradley_terry_loss, centering_penalty, plackett_luce_loss,
+                                    ranked_pairwise_loss)
+from alignkit.models.heads import load_reward_model, reward_scores
+from alignkit.stages import reward
+
+WORDS = "apple river stone cloud paper music green quiet table window light over".split()
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def pair_records(n: int = 64, seed: int = 0, **extra) -> list[dict]:
+    """Chosen always ends with "thank you"; rejected is random words of similar length."""
+    rng = random.Random(seed)
+    return [{"prompt": f"Question {i}: {_words(rng, 3)}?",
+             "chosen": f"{_words(rng, 3)} thank you", "rejected": _words(rng, 5), **extra}
+            for i in range(n)]
+
+
+def ranked_records(n: int = 24, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": f"Question {i}?", "ranking": [2, 0, 1],
+             "responses": [_words(rng, 4), _words(rng, 4), f"{_words(rng, 2)} thank you"]}
+            for i in range(n)]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def cfg(data: Path, out: Path, **over) -> RewardConfig:
+    base = {"model.name_or_path": "tiny", "data.path": str(data), "output": str(out),
+            "data.max_length": 64, "data.template": "plain", "train.batch_size": 8,
+            "train.lr": 3e-3,
+            "train.max_steps": 20, "train.precision": "fp32", "train.progress": False,
+            "train.warmup_steps": 0, "data.eval_fraction": 0.25, "train.num_threads": 1,
+            "train.schedule": "constant"}
+    return build_config(RewardConfig, overrides=base | over)
+
+
+def quiet(*_):
+    pass
+
+
+def test_learns_an_obvious_preference(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_records())
+    out = reward.run(cfg(data, tmp_path / "rm", **{"train.eval_every": 5,
+                                                   "train.eval_on_start": True}), log=quiet)
+    m = read_metrics(out / "metrics.jsonl")
+    train = [r for r in m if "loss" in r]
+    evals = [r for r in m if "eval/accuracy" in r]
+    assert len(train) == 20 and {"accuracy", "margin", "reward_mean", "reward_sq"} <= set(train[0])
+    first, last = sum(r["loss"] for r in train[:5]) / 5, sum(r["loss"] for r in train[-5:]) / 5
+    assert last < 0.5 * first
+    # 16 held-out pairs: near chance before training (step 0), (almost) all right at the end.
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 20
+    assert evals[0]["eval/accuracy"] <= 0.75 and evals[-1]["eval/accuracy"] >= 0.9
+    assert evals[-1]["eval/margin"] > 1.0
+    done = json.loads((out / "DONE").read_text())
+    assert done["eval"]["eval/reward_std"] > 0 and "reward_std" in done["train"]
+    # Full fine-tuning: the trunk moved, not only the head.
+    from alignkit.models.tiny import tiny_model
+    base = tiny_model(seed=0).state_dict()
+    saved = load_file(str(out / "model.safetensors"))
+    assert "score.weight" in saved
+    assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])
+    scores = reward.score(*load_reward_model(ModelConfig(name_or_path=str(out))),
+                          [([{"role": "user", "content": "Question 99: hi?"}], a)
+                           for a in ("stone paper thank you", "stone paper quiet over cloud")],
+                          template="plain", max_length=64, batch_size=2)
+    assert scores[0] > scores[1]
+
+
+@pytest.mark.parametrize("ranked_loss", ["pairs", "plackett_luce"])
+def test_ranked_lists_train(tmp_path, ranked_loss):
+    data = write_jsonl(tmp_path / "ranked.jsonl", ranked_records())
+    out = reward.run(cfg(data, tmp_path / ranked_loss, ranked_loss=ranked_loss,
+                         **{"train.max_steps": 12, "train.batch_size": 4, "train.lr": 1e-3}),
+                     log=quiet)
+    m = read_metrics(out / "metrics.jsonl")
+    losses = [r["loss"] for r in m if "loss" in r]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert any("eval/accuracy" in r for r in m)
+
+
+def test_soft_labels_margins_and_centering_train(tmp_path):
+    records = pair_records(32, margin=0.5, label=0.8)
+    data = write_jsonl(tmp_path / "soft.jsonl", records)
+    out = reward.run(cfg(data, tmp_path / "soft", center_rewards=0.01,
+                         **{"train.max_steps": 12, "train.lr": 1e-3}), log=quiet)
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+
+
+# --- the loss module against the loss functions --------------------------------------------
+
+PROMPT = [1, 40, 41]
+C1, R1, C2, R2 = [50, 51, 2], [60, 2], [52, 53, 54, 2], [61, 62, 2]
+
+
+@pytest.fixture
+def rm():
+    torch.manual_seed(0)
+    return load_reward_model(ModelConfig(name_or_path="tiny"))[0]
+
+
+def test_pair_module_equals_bradley_terry_with_margin_label_and_centering(rm):
+    pairs = [EncodedPair(PROMPT, C1, R1, margin=0.5, label=0.7), EncodedPair(PROMPT, C2, R2)]
+    t = collate_pairs(pairs, pad_id=0)
+    module = reward.RewardModelLoss(rm, center_rewards=0.1)
+    with torch.no_grad():
+        loss, metrics = module(t["input_ids"], t["attention_mask"], margin=t["margin"],
+                               label=t["label"])
+        r = reward_scores(rm, t["input_ids"], t["attention_mask"])
+    rc, rr = r[:2], r[2:]
+    expected = (bradley_terry_loss(rc, rr, margin=torch.tensor([0.5, 0.0]),
+                                   label=torch.tensor([0.7, 1.0])).losses
+                + centering_penalty(rc, rr, 0.1))
+    torch.testing.assert_close(loss, expected.sum(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(metrics["margin"], (rc - rr).sum(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(metrics["reward_mean"], r.sum() / 2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(metrics["reward_sq"], (r ** 2).sum() / 2, rtol=0, atol=1e-6)
+    assert metrics["accuracy"].item() == float((rc > rr).sum())
+
+
+@pytest.mark.parametrize("ranked_loss", ["pairs", "plackett_luce"])
+def test_ranked_module_scatters_rows_into_lists(rm, ranked_loss):
+    items = [EncodedRanked(PROMPT, [C1, R1, C2]), EncodedRanked(PROMPT, [C2, R2])]
+    t = collate_ranked(items, pad_id=0)
+    module = reward.RewardModelLoss(rm, ranked_loss=ranked_loss)
+    with torch.no_grad():
+        loss, metrics = module(t["input_ids"], t["attention_mask"], list_index=t["list_index"],
+                               rank=t["rank"], list_mask=t["list_mask"])
+        r = reward_scores(rm, t["input_ids"], t["attention_mask"])  # rows: 3 then 2
+    table = torch.tensor([[r[0], r[1], r[2]], [r[3], r[4], float("nan")]])
+    fn = plackett_luce_loss if ranked_loss == "plackett_luce" else ranked_pairwise_loss
+    torch.testing.assert_close(loss, fn(table, mask=t["list_mask"]).losses.sum(), rtol=0,
+                               atol=1e-6)
+    torch.testing.assert_close(metrics["reward_mean"], r[:3].mean() + r[3:].mean(), rtol=0,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("ranked_loss", ["pairs", "plackett_luce"])
+def test_a_list_of_two_is_a_pair(rm, ranked_loss):
+    pair = collate_pairs([EncodedPair(PROMPT, C1, R1), EncodedPair(PROMPT, C2, R2)], pad_id=0)
+    lists = collate_ranked([EncodedRanked(PROMPT, [C1, R1]), EncodedRanked(PROMPT, [C2, R2])],
+                           pad_id=0)
+    module = reward.RewardModelLoss(rm, ranked_loss=ranked_loss, center_rewards=0.3)
+    with torch.no_grad():
+        lp, mp = module(pair["input_ids"], pair["attention_mask"], margin=pair["margin"],
+                        label=pair["label"])
+        lr_, mr = module(lists["input_ids"], lists["attention_mask"],
+                         list_index=lists["list_index"], rank=lists["rank"],
+                         list_mask=lists["list_mask"])
+    torch.testing.assert_close(lp, lr_, rtol=0, atol=1e-6)
+    for k in mp:
+        torch.testing.assert_close(mp[k], mr[k], rtol=0, atol=1e-6)
+
+
+# --- run-level behaviour --------------------------------------------------------------------
+
+
+def test_no_data_is_a_one_line_error_naming_data(tmp_path):
+    c = build_config(RewardConfig, overrides={"model.name_or_path": "tiny",
+                                              "output": str(tmp_path / "x")})
+    with pytest.raises(InputError, match="--data"):
+        reward.run(c, log=quiet)
+    assert not (tmp_path / "x").exists()
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_records(40))
+    over = {"train.max_steps": 8, "train.save_every": 3, "train.schedule": "cosine",
+            "train.warmup_steps": 2}
+    ref = reward.run(cfg(data, tmp_path / "ref", **over), log=quiet)
+
+    real_guard = loop._guard
+
+    def crash_at_step_5(loss, grad_norm, step, *a, **k):
+        if step == 5:  # after forward/backward of step 5, before its optimizer step
+            raise KeyboardInterrupt
+        return real_guard(loss, grad_norm, step, *a, **k)
+
+    monkeypatch.setattr(loop, "_guard", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        reward.run(cfg(data, tmp_path / "cut", **over), log=quiet)
+    monkeypatch.setattr(loop, "_guard", real_guard)
+    said: list[str] = []
+    cut = reward.run(cfg(data, tmp_path / "cut", **over), log=said.append)
+    assert any("resuming from" in s and "step-000003" in s for s in said)
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la = [r.get("loss") for r in read_metrics(ref / "metrics.jsonl")]
+    lb = [r.get("loss") for r in read_metrics(cut / "metrics.jsonl")]
+    assert la == lb
+
+
+def test_lora_reward_model_saves_merged(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_records(24))
+    out = reward.run(cfg(data, tmp_path / "lora", **{"model.lora.enabled": True,
+                                                     "train.max_steps": 2}), log=quiet)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == 0

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -82,6 +85,53 @@ class RunDir:
     def finish(self, summary: dict) -> None:
         self.write_json(DONE, summary)
         dist.barrier()
+
+
+@dataclass
+class Stage:
+    """What a training stage's run() holds once the shared opening is done."""
+
+    run_dir: RunDir
+    rt: object  # engine.device.Runtime
+    log: Callable[[str], None]
+    t0: float
+    done: bool = False
+
+
+def begin(cfg, *, overwrite: bool, log) -> Stage:
+    """The opening every training stage shares: join the process group, open the run folder,
+    resolve device and precision, threads and the seed. ``done`` says the run is complete."""
+    from alignkit.engine.device import resolve_runtime, set_num_threads
+    dist.init()
+    log = log if dist.is_main() else (lambda *_: None)
+    run_dir = RunDir(cfg.output, cfg, overwrite=overwrite)
+    if run_dir.done:
+        log(f"{run_dir.path} is already complete (remove it or pass --overwrite to train again)")
+        return Stage(run_dir, None, log, time.perf_counter(), done=True)
+    rt = resolve_runtime(cfg.train.device, cfg.train.precision, local_rank=dist.local_rank())
+    set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.train.seed)
+    return Stage(run_dir, rt, log, time.perf_counter())
+
+
+def describe(cfg, model, rt, what: str = "model", extra: str = "") -> str:
+    """One line: which model, how many parameters train, where, at which precision."""
+    from alignkit.models.lora import trainable_parameters
+    trainable, total = trainable_parameters(model)
+    name = cfg.model.name_or_path or "embedded SmolLM2-135M-Instruct"
+    return (f"{what} {name}: {trainable:,} of {total:,} parameters train; {extra}{rt.device}, "
+            f"{'bf16 autocast' if rt.autocast_dtype else 'fp32'}")
+
+
+def end(stage: Stage, model, tokenizer, result, summary: dict | None = None) -> Path:
+    """Save the final model, then write DONE (last, so a kill never leaves a complete-looking
+    folder)."""
+    stage.run_dir.save_model(model, tokenizer)
+    stage.run_dir.finish(summary or {
+        "steps": result.steps, "train": result.last, "eval": result.eval,
+        "resumed_from": result.resumed_from, "wall_s": round(time.perf_counter() - stage.t0, 2)})
+    stage.log(f"saved to {stage.run_dir.path}")
+    return stage.run_dir.path
 
 
 def _first_difference(a, b, prefix: str = "") -> str | None:

@@ -33,22 +33,20 @@ What we do differently from the paper's code and from TRL:
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from alignkit.config.schema import DPOConfig, PreferenceDataConfig
-from alignkit.engine import dist
-from alignkit.engine.device import Runtime, resolve_runtime, set_num_threads
+from alignkit.engine.device import Runtime
 from alignkit.engine.loop import Batch, fit
 from alignkit.errors import AlignkitError
 from alignkit.losses.preference import dpo_loss, plackett_luce_dpo_loss, preference_metrics
 from alignkit.models.logps import sequence_logps
 from alignkit.models.reference import (AdaptersDisabled, FrozenCopy, Reference, ReferenceKind,
                                        precomputed_reference, reference_kind)
-from alignkit.stages.common import RunDir
+from alignkit.stages.common import begin, describe, end
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask")
 _RANKED_KEYS = _MODEL_KEYS + ("list_index", "rank", "list_mask")
@@ -303,46 +301,31 @@ def _load_reference_model(cfg: DPOConfig, tokenizer, rt: Runtime):
 def run(cfg: DPOConfig, *, overwrite: bool = False, log=print) -> Path:
     """Train with DPO and save the policy; returns the run folder. Reruns resume."""
     from alignkit.models.load import load_causal_lm, load_tokenizer
-    from alignkit.models.lora import apply_lora, trainable_parameters
+    from alignkit.models.lora import apply_lora
 
-    dist.init()
-    log = log if dist.is_main() else (lambda *_: None)
     if cfg.data.path is None:
         raise AlignkitError("dpo needs preference data: --data FILE (records with prompt, "
                             "chosen, rejected; HH-RLHF transcripts; or ranked lists)")
     check_loss_config(cfg)
     kind = reference_kind(cfg)
-    run_dir = RunDir(cfg.output, cfg, overwrite=overwrite)
-    if run_dir.done:
-        log(f"{run_dir.path} is already complete (remove it or pass --overwrite to train again)")
-        return run_dir.path
-    rt = resolve_runtime(cfg.train.device, cfg.train.precision, local_rank=dist.local_rank())
-    set_num_threads(cfg.train.num_threads)
-    torch.manual_seed(cfg.train.seed)
-    t0 = time.perf_counter()
+    st = begin(cfg, overwrite=overwrite, log=log)
+    if st.done:
+        return st.run_dir.path
     tokenizer = load_tokenizer(cfg.model)  # data errors surface before the model loads
-    rows, report = preference_rows(cfg, tokenizer, log)
+    rows, report = preference_rows(cfg, tokenizer, st.log)
     if rows.ranked and kind is None:
         raise AlignkitError("ranked_loss plackett_luce needs a reference; simpo has none "
                             "(use ranked_loss pairs)")
-    run_dir.prepare()
-    model, tokenizer = load_causal_lm(cfg.model, device=rt.device)
+    st.run_dir.prepare()
+    model, tokenizer = load_causal_lm(cfg.model, device=st.rt.device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    reference = build_reference(cfg, kind, model, tokenizer, rows, rt, log)
+    reference = build_reference(cfg, kind, model, tokenizer, rows, st.rt, st.log)
     model = apply_lora(model, cfg.model.lora)
     if kind == "adapters":
         reference = AdaptersDisabled(model)
-    trainable, total = trainable_parameters(model)
-    log(f"model {cfg.model.name_or_path or 'embedded SmolLM2-135M-Instruct'}: "
-        f"{trainable:,} of {total:,} parameters train; reference: {kind or 'none (simpo)'}; "
-        f"{rt.device}, {'bf16 autocast' if rt.autocast_dtype else 'fp32'}")
-    run_dir.write_json("data_report.json", report | {"reference": kind})
+    st.log(describe(cfg, model, st.rt, extra=f"reference: {kind or 'none (simpo)'}; "))
+    st.run_dir.write_json("data_report.json", report | {"reference": kind})
     task = DPOTask(rows, model, reference, cfg)
-    result = fit(task, model, cfg.train, rt, output=run_dir.path, log=log)
-    run_dir.save_model(model, tokenizer)
-    run_dir.finish({"steps": result.steps, "train": result.last, "eval": result.eval,
-                    "resumed_from": result.resumed_from,
-                    "wall_s": round(time.perf_counter() - t0, 2)})
-    log(f"saved to {run_dir.path}")
-    return run_dir.path
+    result = fit(task, model, cfg.train, st.rt, output=st.run_dir.path, log=st.log)
+    return end(st, model, tokenizer, result)

@@ -44,13 +44,11 @@ from pathlib import Path
 import torch
 
 from alignkit.config.schema import ModelConfig, PreferenceDataConfig, RewardConfig
-from alignkit.engine import dist
-from alignkit.engine.device import resolve_runtime, set_num_threads
 from alignkit.engine.loop import Batch, fit
 from alignkit.errors import InputError
 from alignkit.losses.reward import (bradley_terry_loss, centering_penalty, plackett_luce_loss,
                                     ranked_pairwise_loss, ranking_to_pairs)
-from alignkit.stages.common import RunDir
+from alignkit.stages.common import begin, describe, end
 
 NO_DATA = ("reward modelling needs preference data: pass --data FILE (pairs with prompt/chosen/"
            "rejected, HH-RLHF transcripts, or ranked lists); alignkit ships no preference set yet")
@@ -203,42 +201,29 @@ def run(cfg: RewardConfig, *, overwrite: bool = False, log=print) -> Path:
     left as it is."""
     from alignkit.models.heads import apply_reward_lora, load_reward_model
     from alignkit.models.load import load_tokenizer
-    from alignkit.models.lora import trainable_parameters
 
-    dist.init()
-    log = log if dist.is_main() else (lambda *_: None)
-    run_dir = RunDir(cfg.output, cfg, overwrite=overwrite)
-    if run_dir.done:
-        log(f"{run_dir.path} is already complete (remove it or pass --overwrite to train again)")
-        return run_dir.path
-    rt = resolve_runtime(cfg.train.device, cfg.train.precision, local_rank=dist.local_rank())
-    set_num_threads(cfg.train.num_threads)
-    torch.manual_seed(cfg.train.seed)  # also fixes the new head's initialisation
-    t0 = time.perf_counter()
+    st = begin(cfg, overwrite=overwrite, log=log)  # the seed also fixes the new head's init
+    if st.done:
+        return st.run_dir.path
     tokenizer = load_tokenizer(cfg.model)  # data errors surface before the model loads
-    train, evals, report = preference_examples(cfg.data, tokenizer, cfg.train.seed, log)
-    run_dir.prepare()
-    model, tokenizer = load_reward_model(cfg.model, device=rt.device)
+    train, evals, report = preference_examples(cfg.data, tokenizer, cfg.train.seed, st.log)
+    st.run_dir.prepare()
+    model, tokenizer = load_reward_model(cfg.model, device=st.rt.device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = apply_reward_lora(model, cfg.model.lora)
-    trainable, total = trainable_parameters(model)
-    log(f"reward model on {cfg.model.name_or_path or 'embedded SmolLM2-135M-Instruct'}: "
-        f"{trainable:,} of {total:,} parameters train; {rt.device}, "
-        f"{'bf16 autocast' if rt.autocast_dtype else 'fp32'}")
-    run_dir.write_json("data_report.json", report)
+    st.log(describe(cfg, model, st.rt, what="reward model on"))
+    st.run_dir.write_json("data_report.json", report)
     task = PreferenceTask(model, train, evals, tokenizer.pad_token_id,
                           ranked_loss=cfg.ranked_loss, center_rewards=cfg.center_rewards)
-    result = fit(task, model, cfg.train, rt, output=run_dir.path, log=log)
-    run_dir.save_model(model, tokenizer)  # merges LoRA; the pad token was made distinct on load
-    summary = _summary(result, t0)
-    run_dir.finish(summary)
+    result = fit(task, model, cfg.train, st.rt, output=st.run_dir.path, log=st.log)
+    summary = _summary(result, st.t0)
     if summary["eval"]:
         e = summary["eval"]
-        log(f"held-out: accuracy {e['eval/accuracy']:.3f}, margin {e['eval/margin']:.3f}, "
-            f"reward {e['eval/reward_mean']:.3f} ± {e['eval/reward_std']:.3f}")
-    log(f"saved to {run_dir.path}")
-    return run_dir.path
+        st.log(f"held-out: accuracy {e['eval/accuracy']:.3f}, margin {e['eval/margin']:.3f}, "
+               f"reward {e['eval/reward_mean']:.3f} ± {e['eval/reward_std']:.3f}")
+    # merges LoRA; the pad token was made distinct on load
+    return end(st, model, tokenizer, result, summary)
 
 
 def _summary(result, t0: float) -> dict:
@@ -322,6 +307,7 @@ def score_file(*, model: str, data: str, output: str, template: str = "auto",
                precision: str = "auto", log=print) -> Path:
     """Score every record of ``data`` with the reward model folder ``model``; write ``output``
     (JSONL: each input record plus ``"score"``) through a temporary file renamed into place."""
+    from alignkit.engine.device import resolve_runtime
     from alignkit.models.heads import load_reward_model
 
     items = read_score_records(data)  # bad input fails before the model loads

@@ -8,17 +8,14 @@ target. Both share one task and one loss module; they differ only in how tokens 
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from alignkit.config.schema import DataConfig, PretrainConfig, SFTConfig
-from alignkit.engine import dist
-from alignkit.engine.device import resolve_runtime, set_num_threads
 from alignkit.engine.loop import Batch, fit
-from alignkit.stages.common import CausalLMLoss, RunDir
+from alignkit.stages.common import CausalLMLoss, begin, describe, end
 
 DEMO_SFT_DATA = Path(__file__).resolve().parent.parent / "assets" / "data" / "sft_demo.jsonl"
 DEMO_PRETRAIN_DATA = Path(__file__).resolve().parent.parent / "assets" / "data" / "pretrain_demo.jsonl"
@@ -90,36 +87,21 @@ def _pretrain_examples(cfg: DataConfig, tokenizer, seed: int, log):
 def run(cfg: SFTConfig | PretrainConfig, *, overwrite: bool = False, log=print) -> Path:
     """Train and save; returns the run folder. Reruns resume; a finished run is left as it is."""
     from alignkit.models.load import load_causal_lm, load_tokenizer
-    from alignkit.models.lora import apply_lora, trainable_parameters
+    from alignkit.models.lora import apply_lora
 
-    dist.init()
-    log = log if dist.is_main() else (lambda *_: None)
-    run_dir = RunDir(cfg.output, cfg, overwrite=overwrite)
-    if run_dir.done:
-        log(f"{run_dir.path} is already complete (remove it or pass --overwrite to train again)")
-        return run_dir.path
-    rt = resolve_runtime(cfg.train.device, cfg.train.precision, local_rank=dist.local_rank())
-    set_num_threads(cfg.train.num_threads)
-    torch.manual_seed(cfg.train.seed)
-    t0 = time.perf_counter()
+    st = begin(cfg, overwrite=overwrite, log=log)
+    if st.done:
+        return st.run_dir.path
     tokenizer = load_tokenizer(cfg.model)  # data errors surface before the model loads
     make = _pretrain_examples if cfg.stage == "pretrain" else _sft_examples
-    train, evals, report = make(cfg.data, tokenizer, cfg.train.seed, log)
-    run_dir.prepare()
-    model, tokenizer = load_causal_lm(cfg.model, device=rt.device)
+    train, evals, report = make(cfg.data, tokenizer, cfg.train.seed, st.log)
+    st.run_dir.prepare()
+    model, tokenizer = load_causal_lm(cfg.model, device=st.rt.device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = apply_lora(model, cfg.model.lora)
-    trainable, total = trainable_parameters(model)
-    log(f"model {cfg.model.name_or_path or 'embedded SmolLM2-135M-Instruct'}: "
-        f"{trainable:,} of {total:,} parameters train; {rt.device}, "
-        f"{'bf16 autocast' if rt.autocast_dtype else 'fp32'}")
-    run_dir.write_json("data_report.json", report)
+    st.log(describe(cfg, model, st.rt))
+    st.run_dir.write_json("data_report.json", report)
     task = TokenTask(model, train, evals, tokenizer.pad_token_id)
-    result = fit(task, model, cfg.train, rt, output=run_dir.path, log=log)
-    run_dir.save_model(model, tokenizer)
-    run_dir.finish({"steps": result.steps, "train": result.last, "eval": result.eval,
-                    "resumed_from": result.resumed_from,
-                    "wall_s": round(time.perf_counter() - t0, 2)})
-    log(f"saved to {run_dir.path}")
-    return run_dir.path
+    result = fit(task, model, cfg.train, st.rt, output=st.run_dir.path, log=st.log)
+    return end(st, model, tokenizer, result)

@@ -9,7 +9,7 @@ import typer
 
 from alignkit.cli.main import (AccumOpt, BatchOpt, ConfigOpt, DeviceOpt, EpochsOpt, LoraOpt,
                                LrOpt, MaxLenOpt, MaxStepsOpt, ModelOpt, OutputOpt, OverwriteOpt,
-                               PrecisionOpt, SeedOpt, SetOpt, TemplateOpt, _overrides, app)
+                               PrecisionOpt, SeedOpt, SetOpt, TemplateOpt, _train_stage, app)
 
 PreferenceDataOpt = typer.Option(None, help="Preference data (required): .jsonl/.json/.csv/"
                                             ".parquet, a saved HF dataset folder, or hub:NAME; "
@@ -35,14 +35,7 @@ def dpo(config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt,
         set: Optional[list[str]] = SetOpt, overwrite: bool = OverwriteOpt) -> None:
     """Direct Preference Optimization (and IPO, SLiC hinge, robust DPO, SimPO) on preference
     pairs or ranked lists: no reward model, no sampling."""
-    flags = {k: v for k, v in locals().items()
-             if k not in ("config", "overwrite", "beta", "loss_type", "reference")}
-    from alignkit.config.load import build_config
     from alignkit.config.schema import DPOConfig
-    from alignkit.stages import dpo as stage
-
-    extra = {"beta": beta, "loss_type": loss_type, "reference": reference}
-    # --set comes last so it wins over a named flag, as in the other stages
-    overrides = {k: v for k, v in extra.items() if v is not None} | _overrides(**flags)
-    cfg = build_config(DPOConfig, path=config, overrides=overrides)
-    stage.run(cfg, overwrite=overwrite)
+    from alignkit.stages.dpo import run
+    _train_stage(DPOConfig, config, overwrite, run, **{
+        k: v for k, v in locals().items() if k not in ("config", "overwrite", "DPOConfig", "run")})

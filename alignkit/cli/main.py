@@ -48,7 +48,10 @@ def _overrides(**flags: Any) -> dict[str, Any]:
                "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
                "lr": "train.lr", "seed": "train.seed", "lora": "model.lora.enabled",
                "template": "data.template", "max_length": "data.max_length",
-               "precision": "train.precision", "device": "train.device"}
+               "precision": "train.precision", "device": "train.device",
+               # stage-level keys (reward, dpo, ppo) keep their names
+               "beta": "beta", "loss_type": "loss_type", "reference": "reference",
+               "ranked_loss": "ranked_loss"}
     out = {mapping[k]: v for k, v in flags.items() if k in mapping and v is not None}
     from alignkit.config.load import parse_override
     for item in flags.get("set") or []:
@@ -57,11 +60,12 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     return out
 
 
-def _train_stage(schema, config, overwrite, **flags) -> None:
+def _train_stage(schema, config, overwrite, run=None, **flags) -> None:
+    """Config = schema ← YAML ← flags (--set last, so it wins), then the stage's run()."""
     from alignkit.config.load import build_config
-    from alignkit.stages import sft
-    cfg = build_config(schema, path=config, overrides=_overrides(**flags))
-    sft.run(cfg, overwrite=overwrite)
+    if run is None:
+        from alignkit.stages.sft import run
+    run(build_config(schema, path=config, overrides=_overrides(**flags)), overwrite=overwrite)
 
 
 @app.command()
@@ -134,6 +138,7 @@ def demo(output: str = typer.Option("runs/demo", "--output", "-o"),
 # Stage commands that live in their own modules register themselves on `app` when imported.
 from alignkit.cli import dpo as _dpo  # noqa: E402,F401
 from alignkit.cli import reward as _reward  # noqa: E402,F401
+from alignkit.cli import ppo as _ppo  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ import typer
 
 from alignkit.cli.main import (AccumOpt, BatchOpt, ConfigOpt, DeviceOpt, EpochsOpt, LoraOpt,
                                LrOpt, MaxLenOpt, MaxStepsOpt, ModelOpt, OutputOpt, OverwriteOpt,
-                               PrecisionOpt, SeedOpt, SetOpt, TemplateOpt, _overrides, app)
+                               PrecisionOpt, SeedOpt, SetOpt, TemplateOpt, _train_stage, app)
 
 # Not main's DataOpt: there is no shipped preference set to fall back on.
 PreferenceDataOpt = typer.Option(None, "--data", help="Preference data (required): pairs "
@@ -34,13 +34,11 @@ def reward(config: Optional[Path] = ConfigOpt, model: Optional[str] = ModelOpt,
            overwrite: bool = OverwriteOpt) -> None:
     """Reward model: a scalar head on the last token, trained on preference pairs
     (Bradley-Terry) or ranked lists."""
-    from alignkit.config.load import build_config
     from alignkit.config.schema import RewardConfig
-    from alignkit.stages import reward as stage
-    flags = {k: v for k, v in locals().items() if k not in ("config", "overwrite", "ranked_loss")}
-    # --set comes last in _overrides, so it wins over --ranked-loss as over every other flag.
-    overrides = ({"ranked_loss": ranked_loss} if ranked_loss else {}) | _overrides(**flags)
-    stage.run(build_config(RewardConfig, path=config, overrides=overrides), overwrite=overwrite)
+    from alignkit.stages.reward import run
+    _train_stage(RewardConfig, config, overwrite, run, **{
+        k: v for k, v in locals().items() if k not in ("config", "overwrite", "RewardConfig",
+                                                       "run")})
 
 
 @app.command()

@@ -138,6 +138,7 @@ def demo(output: str = typer.Option("runs/demo", "--output", "-o"),
 # Stage commands that live in their own modules register themselves on `app` when imported.
 from alignkit.cli import dpo as _dpo  # noqa: E402,F401
 from alignkit.cli import reward as _reward  # noqa: E402,F401
+from alignkit.cli import ppo as _ppo  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

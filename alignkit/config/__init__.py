@@ -5,6 +5,8 @@ from alignkit.config.schema import (DataConfig, DPOConfig, GenerateConfig, LoraC
                                     ModelConfig, PreferenceDataConfig, PretrainConfig,
                                     RewardConfig, SFTConfig, TrainConfig)
 
-__all__ = ["build_config", "dump_config", "parse_override", "read_yaml", "DataConfig",
+from alignkit.config.ppo import PPOConfig, PromptDataConfig, RolloutConfig
+
+__all__ = ["PPOConfig", "PromptDataConfig", "RolloutConfig", "build_config", "dump_config", "parse_override", "read_yaml", "DataConfig",
            "GenerateConfig", "LoraConfig", "ModelConfig", "PretrainConfig", "SFTConfig",
            "TrainConfig", "DPOConfig", "PreferenceDataConfig", "RewardConfig"]

@@ -69,8 +69,13 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def build_config(schema: type[C], *, path: str | Path | None = None,
                  overrides: dict[str, Any] | None = None) -> C:
-    """Config = schema defaults ← YAML file ← dotted overrides (flags), validated once."""
-    tree: dict[str, Any] = read_yaml(path) if path else {}
+    """Config = schema defaults ← YAML file ← dotted overrides (flags), validated once.
+
+    The layers merge key by key onto the schema's own default instance, so overriding one key
+    of a section keeps the stage's defaults for the rest (DPOConfig's train.lr stays 1e-6 when
+    only train.max_steps is given)."""
+    tree: dict[str, Any] = schema().model_dump(mode="python")
+    _merge(tree, read_yaml(path) if path else {})
     for k, v in (overrides or {}).items():
         if v is not None:
             set_dotted(tree, k, v)
@@ -78,6 +83,15 @@ def build_config(schema: type[C], *, path: str | Path | None = None,
         return schema.model_validate(tree)
     except ValidationError as e:
         raise InputError(_describe(e), path=str(path) if path else None) from None
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> None:
+    """Deep-merge ``top`` into ``base`` in place: mappings merge, anything else replaces."""
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
 
 
 def _describe(e: ValidationError) -> str:

@@ -63,3 +63,12 @@ def test_dump_round_trips(tmp_path):
     dump_config(cfg, tmp_path / "config.yaml")
     again = build_config(SFTConfig, path=tmp_path / "config.yaml")
     assert again == cfg
+
+
+def test_overriding_one_key_keeps_the_stage_defaults_of_its_section(tmp_path):
+    from alignkit.config import DPOConfig
+    cfg = build_config(DPOConfig, overrides={"train.max_steps": 5})
+    assert cfg.train.lr == 1e-6 and cfg.train.max_steps == 5  # DPO's lr, not TrainConfig's
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  batch_size: 2\n")
+    assert build_config(DPOConfig, path=f).train.lr == 1e-6

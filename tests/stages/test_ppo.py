@@ -1,0 +1,363 @@
+"""RLHF (PPO, RLOO, GRPO) end to end on the tiny model: losses finite, the policy moves while the
+reference and the reward model stay bit-identical, KL and the ratio start exactly at 0 and 1,
+a resumed run equals an uninterrupted one bit for bit, early stop and the adaptive β work, and
+every way a reward function can be wrong is one line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.config.load import build_config
+from alignkit.config.ppo import PPOConfig
+from alignkit.engine.metrics import read_metrics
+from alignkit.errors import AlignkitError
+from alignkit.models.tiny import tiny_model
+from alignkit.stages import ppo, rollout
+
+QUIET = {"log": lambda *_: None}
+WORDS = "cats dogs rain sun tea code bread rivers".split()
+
+
+def letter_a(prompts: list[str], responses: list[str]) -> list[float]:
+    """A reward with signal on a random byte-level model: the share of ASCII lowercase letters."""
+    return [sum("a" <= c <= "z" for c in r) / (len(r) + 1) for r in responses]
+
+
+def wrong_length(prompts, responses):
+    return [0.0] * (len(responses) + 1)
+
+
+NOT_CALLABLE = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n"
+                            for w in WORDS))
+    return path
+
+
+def cfg_for(data: Path, out: Path, **over) -> PPOConfig:
+    base = {"model.name_or_path": "tiny", "data.path": str(data), "output": str(out),
+            "reward_fn": "tests.stages.test_ppo:letter_a", "rollout.prompts": 4,
+            "rollout.max_new_tokens": 10, "train.batch_size": 4, "train.max_steps": 4,
+            "ppo_epochs": 2, "train.progress": False, "train.device": "cpu",
+            "train.precision": "fp32", "train.num_threads": 1, "train.lr": 3e-3,
+            "train.schedule": "constant"}
+    return build_config(PPOConfig, overrides=base | over)
+
+
+def trained(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def initial() -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tiny_model().state_dict().items()}
+
+
+def finite_metrics(run: Path) -> list[dict]:
+    rows = read_metrics(run / "metrics.jsonl")
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+    return rows
+
+
+def rollouts(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The Models object run() builds (policy, reference, reward)."""
+    seen = []
+
+    class Spy(ppo.Models):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
+
+    monkeypatch.setattr(ppo, "Models", Spy)
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoke: PPO with a reward model and a critic from it; frozen models stay frozen
+
+
+@pytest.fixture
+def reward_dir(tmp_path) -> Path:
+    from alignkit.models.heads import reward_model_from_lm, save_reward_model
+    from alignkit.models.tiny import tiny_tokenizer
+    torch.manual_seed(7)
+    path = tmp_path / "rm"
+    save_reward_model(reward_model_from_lm(tiny_model(seed=3)), tiny_tokenizer(), path)
+    return path
+
+
+def test_ppo_with_reward_model(prompts_file, reward_dir, tmp_path, spy):
+    saved_rm = load_file(str(reward_dir / "model.safetensors"))
+    cfg = cfg_for(prompts_file, tmp_path / "run", reward_fn=None, reward_model=str(reward_dir))
+    run = ppo.run(cfg, **QUIET)
+    rows = finite_metrics(run)
+    assert len(rows) == 4 and all("value_loss" in r for r in rows)
+    # KL is exactly 0 at the first rollout (policy == reference) and the first update's ratio is 1
+    first = rollouts(run)[0]
+    assert first["kl"] == 0.0 and first["total_reward"] == pytest.approx(first["score"], abs=1e-6)
+    assert rows[0]["approx_kl"] == 0.0 and rows[0]["ratio"] == 1.0 and rows[0]["clip_frac"] == 0
+    # the policy moved; the reference did not (bit for bit)
+    start, after = initial(), trained(run)
+    assert any(not torch.equal(start[k], after[k]) for k in after)
+    models = spy[0]
+    for k, v in models.reference.model.state_dict().items():
+        assert torch.equal(v, start[k]), k
+    # the reward model did not move either; the critic (initialised from it) did
+    rm = {k: v for k, v in models.reward.model.state_dict().items()}
+    assert rm.keys() == saved_rm.keys()
+    assert all(torch.equal(rm[k], saved_rm[k]) for k in rm)
+    critic = load_file(str(run / "critic" / "model.safetensors"))
+    assert any(not torch.equal(critic[k], saved_rm[k]) for k in critic)
+    assert all(not p.requires_grad for p in models.reward.model.parameters())
+
+
+def test_lora_reference_is_the_base_and_kl_starts_at_zero(prompts_file, tmp_path, spy):
+    # also: a LoRA critic from the policy, the entropy bonus, k2, reward shaping options
+    cfg = cfg_for(prompts_file, tmp_path / "run", **{
+        "model.lora.enabled": True, "model.lora.r": 4, "train.max_steps": 2,
+        "entropy_coef": 0.01, "kl_estimator": "k2", "reward_normalize": True,
+        "reward_clip": 1.0, "rollout.missing_eos_penalty": 0.5})
+    run = ppo.run(cfg, **QUIET)
+    finite_metrics(run)
+    assert rollouts(run)[0]["kl"] == 0.0
+    assert spy[0].reference.kind == "adapters"
+    assert (run / "critic" / "model.safetensors").is_file()
+    # adapters trained, and the base weights (the reference) are untouched
+    base = initial()
+    for name, p in spy[0].ac.policy.named_parameters():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p.detach(), base[key]), name
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_critic_free_algorithms(algo, prompts_file, tmp_path, spy):
+    cfg = cfg_for(prompts_file, tmp_path / algo, algo=algo, **{"rollout.prompts": 2,
+                                                               "rollout.group_size": 4})
+    run = ppo.run(cfg, **QUIET)
+    rows = finite_metrics(run)
+    assert spy[0].ac.critic is None and "value_loss" not in rows[0]
+    assert rows[0]["approx_kl"] == 0.0
+    if algo == "grpo":
+        assert rows[0]["kl_ref"] == 0.0
+    start, after = initial(), trained(run)
+    assert any(not torch.equal(start[k], after[k]) for k in after)
+    assert not (run / "critic").exists()
+    # group layout: each prompt sampled group_size times, contiguously
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert len({s["prompt"] for s in samples}) == 1
+
+
+def test_accumulation_matches_one_batch(prompts_file, tmp_path):
+    runs = [ppo.run(cfg_for(prompts_file, tmp_path / f"acc{n}", **{"train.grad_accum": n}),
+                    **QUIET) for n in (1, 2)]
+    a, b = trained(runs[0]), trained(runs[1])
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume, adaptive β, early stop
+
+
+class Stop(Exception):
+    pass
+
+
+def interrupted_then_resumed(prompts_file, tmp_path, monkeypatch, over, kill_at):
+    """(uninterrupted run, run killed while computing update ``kill_at`` then rerun)."""
+    whole = ppo.run(cfg_for(prompts_file, tmp_path / "whole", **over), **QUIET)
+    import alignkit.engine.loop as loop
+    real_guard = loop._guard
+
+    def guard(loss, grad_norm, step, *a, **k):
+        if step == kill_at:
+            raise Stop
+        return real_guard(loss, grad_norm, step, *a, **k)
+
+    part_cfg = cfg_for(prompts_file, tmp_path / "part", **over)
+    monkeypatch.setattr(loop, "_guard", guard)
+    with pytest.raises(Stop):
+        ppo.run(part_cfg, **QUIET)
+    monkeypatch.setattr(loop, "_guard", real_guard)
+    return whole, ppo.run(part_cfg, **QUIET)
+
+
+def assert_same_runs(whole: Path, part: Path, resumed_from: int) -> None:
+    a, b = trained(whole), trained(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    def strip(rows):  # timings differ
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+    assert strip(rollouts(whole)) == strip(rollouts(part))
+    ma, mb = read_metrics(whole / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
+    assert [r["loss"] for r in ma] == [r["loss"] for r in mb]
+    assert json.loads((part / "DONE").read_text())["resumed_from"] == resumed_from
+
+
+def test_resume_equals_uninterrupted(prompts_file, tmp_path, monkeypatch):
+    # 2 updates per rollout; checkpoints every 3 updates fall mid-rollout, so the buffer and
+    # the adaptive controller's β must come back from disk. Killed computing update 5; the
+    # rerun resumes from the checkpoint at 3, mid-way through the rollout of updates 3–4.
+    over = {"train.max_steps": 8, "train.save_every": 3, "kl_target": 0.01, "kl_coef": 0.2,
+            "kl_horizon": 10.0}
+    whole, part = interrupted_then_resumed(prompts_file, tmp_path, monkeypatch, over, kill_at=5)
+    betas = [r["beta"] for r in rollouts(whole)]
+    assert betas[0] == 0.2 and len(set(betas)) > 1  # the controller moved β
+    assert_same_runs(whole, part, resumed_from=3)
+
+
+def test_resume_after_an_early_stop(prompts_file, tmp_path, monkeypatch):
+    # Every rollout stops after its 2nd update (see below); the checkpoint at 2 comes right
+    # after the stop was decided, so the resumed run must start a new rollout at once.
+    over = {"train.max_steps": 6, "train.save_every": 2, "target_kl": 1e-12, "ppo_epochs": 4}
+    whole, part = interrupted_then_resumed(prompts_file, tmp_path, monkeypatch, over, kill_at=4)
+    assert [r["step"] for r in rollouts(whole)] == [0, 2, 4]
+    assert_same_runs(whole, part, resumed_from=2)
+
+
+def test_early_stop_on_approx_kl(prompts_file, tmp_path):
+    # 4 updates per rollout without a stop. The first update of a rollout has approx KL exactly 0
+    # (ratio 1); a tiny target stops the rollout after the second: a new rollout every 2 steps.
+    cfg = cfg_for(prompts_file, tmp_path / "run", target_kl=1e-12, ppo_epochs=4,
+                  **{"train.max_steps": 4})
+    run = ppo.run(cfg, **QUIET)
+    assert [r["step"] for r in rollouts(run)] == [0, 2]
+    assert sorted(p.name for p in (run / "rollouts").glob("stop-*.json"))[:2] == [
+        "stop-00000.json", "stop-00001.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and rewards
+
+
+def test_prompts_from_preference_and_sft_files(tmp_path):
+    from alignkit.models.tiny import tiny_tokenizer
+    from alignkit.config.ppo import PromptDataConfig
+    tok = tiny_tokenizer()
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "Hi?", "chosen": "Hello!", "rejected": "No."},
+        {"prompt": "Hi?", "chosen": "Hey!", "rejected": "Go."},
+        {"prompt": "Bye?", "chosen": "Bye!", "rejected": "No."}]))
+    got, report = rollout.load_prompts(PromptDataConfig(path=str(pref)), tok, lambda *_: None)
+    assert [p.text for p in got] == ["Hi?", "Bye?"] and report["duplicates"] == 1
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: And?"
+                                        "\n\nAssistant: Fine.",
+                              "rejected": "\n\nHuman: Hi?\n\nAssistant: Hello!\n\nHuman: "
+                                          "And?\n\nAssistant: No."}) + "\n")
+    got, _ = rollout.load_prompts(PromptDataConfig(path=str(hh)), tok, lambda *_: None)
+    assert [(m["role"], m["content"]) for m in got[0].messages] == [
+        ("user", "Hi?"), ("assistant", "Hello!"), ("user", "And?")]
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "A?"}, {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "B?"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    got, _ = rollout.load_prompts(PromptDataConfig(path=str(sft)), tok, lambda *_: None)
+    assert [m["content"] for m in got[0].messages] == ["A?", "a", "B?"]
+    msgs = tmp_path / "msgs.jsonl"
+    msgs.write_text(json.dumps({"prompt": [{"role": "system", "content": "Be kind."},
+                                           {"role": "user", "content": "C?"}]}) + "\n"
+                    + json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(AlignkitError, match=r"msgs.jsonl:2: field 'messages\[0\].role'"):
+        rollout.load_prompts(PromptDataConfig(path=str(msgs)), tok, lambda *_: None)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    ("tests.stages.test_ppo:missing", "has no 'missing'"),
+    ("tests.stages.test_ppo:NOT_CALLABLE", "is a int, not a function"),
+])
+def test_reward_fn_resolution_errors(spec, message, prompts_file, tmp_path):
+    with pytest.raises(AlignkitError, match=message) as err:
+        ppo.run(cfg_for(prompts_file, tmp_path / "run", reward_fn=spec), **QUIET)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # failed before the run folder
+
+
+def test_reward_fn_wrong_length_is_one_line(prompts_file, tmp_path):
+    cfg = cfg_for(prompts_file, tmp_path / "run", reward_fn="tests.stages.test_ppo:wrong_length")
+    with pytest.raises(AlignkitError, match=r"returned 5 scores for 4 responses") as err:
+        ppo.run(cfg, **QUIET)
+    assert "\n" not in str(err.value)
+    fn = rollout.resolve_reward_fn("tests.stages.test_ppo:letter_a")
+    with pytest.raises(AlignkitError, match="non-finite"):
+        rollout.call_reward_fn(lambda p, r: [math.nan] * len(r), "x:y", ["p"], ["r"])
+    assert rollout.call_reward_fn(fn, "x:y", ["p"], ["aB"]).tolist() == [pytest.approx(1 / 3)]
+
+
+def test_shipped_rewards():
+    from alignkit.assets.rewards import brevity, positive_words
+    s = positive_words(["", "", ""], ["What a wonderful, happy day!", "bad and awful", ""])
+    assert s[0] == pytest.approx(2 / math.sqrt(6)) and s[1] == pytest.approx(-2 / 2) and s[2] == 0
+    assert brevity([""], ["one two three"], target_words=3) == [0.0]
+
+
+def test_shape_scores_order():
+    cfg = build_config(PPOConfig, overrides={"reward_normalize": True, "reward_clip": 0.5,
+                                             "rollout.missing_eos_penalty": 1.0})
+    raw, finished = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, False, True])
+    # penalty first: [1, 1, 3] → whitened [-0.577, -0.577, 1.155] → clipped to ±0.5
+    out = rollout.shape_scores(raw, finished, cfg)
+    assert out.tolist() == pytest.approx([-0.5, -0.5, 0.5])
+
+
+def test_config_validation():
+    with pytest.raises(AlignkitError, match="group_size >= 2"):
+        build_config(PPOConfig, overrides={"algo": "rloo", "rollout.group_size": 1})
+    with pytest.raises(AlignkitError, match="kl_estimator must be k3"):
+        build_config(PPOConfig, overrides={"algo": "grpo", "kl_estimator": "k1"})
+    with pytest.raises(AlignkitError, match="not both"):
+        build_config(PPOConfig, overrides={"reward_fn": "a:b", "reward_model": "x"})
+    assert build_config(PPOConfig, overrides={"algo": "grpo"}).group_k == 4
+    # a train.* override keeps RLHF's own defaults for the other train keys
+    train = build_config(PPOConfig, overrides={"train.max_steps": 3}).train
+    assert (train.lr, train.batch_size, train.warmup_ratio, train.max_steps) == (1e-6, 8, 0.0, 3)
+    with pytest.raises(AlignkitError, match="not a multiple of train.batch_size"):
+        ppo.check_config(build_config(PPOConfig, overrides={
+            "reward_fn": "a:b", "rollout.prompts": 3, "train.batch_size": 2}))
+
+
+def test_reward_model_retokenises_text_like_its_own_ids():
+    """A reward model with another vocabulary sees the text re-encoded with its own tokenizer;
+    with the same tokenizer both routes give the same rows, hence the same scores."""
+    from alignkit.data.templates import encode_prompt
+    from alignkit.engine.device import Runtime
+    from alignkit.models.heads import reward_model_from_lm
+    from alignkit.models.tiny import tiny_tokenizer
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    rm = reward_model_from_lm(tiny_model(seed=1)).eval()
+    rt = Runtime(torch.device("cpu"), None)
+    msgs = ({"role": "user", "content": "Hi?"},)
+    prompt = rollout.Prompt(msgs, encode_prompt(tok, list(msgs), "chat"))
+    texts = ["Hello there.", "Fine"]
+    comps = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    comps[1] = comps[1][:-1]  # cut without EOS
+    scorer = rollout.RewardModelScorer(rm, tok, tok, "chat", rt)
+    assert scorer.same_vocab
+    direct = scorer([prompt, prompt], comps, texts, [True, False], 2)
+    scorer.same_vocab = False
+    again = scorer([prompt, prompt], comps, texts, [True, False], 2)
+    assert torch.equal(direct, again) and direct[0] != direct[1]

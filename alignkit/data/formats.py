@@ -126,8 +126,10 @@ def _prompt_completion(data: dict, where: dict) -> list[tuple[dict, str]]:
             ({"role": "assistant", "content": _text(data, "completion", **where)}, "completion")]
 
 
-def _message_list(value: object, field: str, where: dict) -> list[tuple[dict, str]]:
-    """``[{"role", "content"}, ...]`` -> (message, field name) pairs, each item checked."""
+def _message_list(value: object, field: str, where: dict, *,
+                  allow_blank: bool = False) -> list[tuple[dict, str]]:
+    """``[{"role", "content"}, ...]`` -> (message, field name) pairs, each item checked. With
+    ``allow_blank`` a blank content passes (preference data counts a blank reply as a drop)."""
     if value is None:
         raise InputError("missing", field=field, **where)
     if not isinstance(value, list) or not value:
@@ -142,7 +144,10 @@ def _message_list(value: object, field: str, where: dict) -> list[tuple[dict, st
         if role not in ROLES:
             raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}",
                              field=f"{name}.role", **where)
-        content = _text(item, "content", field_name=f"{name}.content", **where)
+        if allow_blank and isinstance(item.get("content"), str):
+            content = item["content"]
+        else:
+            content = _text(item, "content", field_name=f"{name}.content", **where)
         pairs.append(({"role": role, "content": content}, name))
     return pairs
 

@@ -42,7 +42,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from alignkit.data.formats import ROLES, Conversation, _source, check_turns
+from alignkit.data.formats import Conversation, _message_list, _source, check_turns
 from alignkit.data.sources import Record, read_records
 from alignkit.data.templates import encode_conversation, encode_prompt, resolve_template
 from alignkit.data.tokenize import TokenizeReport
@@ -284,21 +284,9 @@ def _prompt_messages(value: object, where: dict,
 def _messages(value: object, name: str, where: dict) -> list[tuple[dict, str]]:
     """``[{"role", "content"}, ...]`` -> (message, field name) pairs; content may be blank
     here (a blank reply is a counted drop, a blank prompt turn an error: see callers)."""
-    if not isinstance(value, list) or not value:
-        raise InputError("expected a non-empty list of {role, content} objects", field=name,
-                         **where)
-    pairs = []
-    for i, item in enumerate(value):
-        at = f"{name}[{i}]"
-        if not isinstance(item, dict):
-            raise InputError(f"expected an object, got {type(item).__name__}", field=at, **where)
-        role = item.get("role")
-        if role not in ROLES:
-            raise InputError(f"role must be one of {', '.join(ROLES)}, got {role!r}",
-                             field=f"{at}.role", **where)
-        content = _string(item.get("content"), f"{at}.content", where)
-        pairs.append(({"role": role, "content": content}, at))
-    return pairs
+    if value is None:
+        raise InputError("missing", field=name, **where)
+    return _message_list(value, name, where, allow_blank=True)
 
 
 def _no_blank(pairs: list[tuple[dict, str]], where: dict) -> None:

@@ -40,7 +40,7 @@ def _answers(model_name: str | None, prompts: list[str], out: Path, *, template:
 
 def demo_sft_config(output: Path, *, quick: bool, max_steps: int | None) -> SFTConfig:
     train = TrainConfig(epochs=3, batch_size=8, lr=5e-5, warmup_ratio=0.1, schedule="cosine",
-                        eval_every=None, save_every=20, keep_checkpoints=1, seed=0,
+                        eval_every=None, eval_on_start=True, save_every=20, keep_checkpoints=1, seed=0,
                         max_steps=max_steps)
     model = ModelConfig(name_or_path="tiny" if quick else None)
     if quick:
@@ -71,11 +71,20 @@ def run_demo(*, output: str, quick: bool, max_steps: int | None, overwrite: bool
     sft_dir = sft.run(demo_sft_config(root, quick=quick, max_steps=max_steps), log=log)
     after = _answers(str(sft_dir), prompts, root / "answers_after.jsonl", template="inst",
                      max_new_tokens=new_tokens, log=log)
+    _held_out_change(sft_dir, log)
     report = _side_by_side(prompts, before, after)
     (root / "answers.md").write_text(report, encoding="utf-8")
     _print_table(prompts, before, after)
     log(f"demo finished in {time.perf_counter() - t0:.0f}s; run folder: {root}, "
         f"side-by-side answers: {root / 'answers.md'}")
+
+
+def _held_out_change(run: Path, log) -> None:
+    from alignkit.engine.metrics import read_metrics
+    evals = [r["eval/loss"] for r in read_metrics(run / "metrics.jsonl") if "eval/loss" in r]
+    if len(evals) >= 2:
+        log(f"held-out loss on the shipped eval set: {evals[0]:.3f} before SFT → "
+            f"{evals[-1]:.3f} after")
 
 
 def _side_by_side(prompts, before, after) -> str:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from alignkit.data.formats import Conversation, _message_list, _source, check_turns
 from alignkit.data.sources import Record, read_records
 from alignkit.data.templates import encode_conversation, encode_prompt, resolve_template
-from alignkit.data.tokenize import TokenizeReport
+from alignkit.data.tokenize import TokenizeReport, _count
 from alignkit.errors import InputError
 
 PREFERENCE_FORMATS = ("pairs", "hh", "ranked")
@@ -580,10 +580,6 @@ def tokenize_preferences(tokenizer, items: Iterable[PreferencePair | RankedList]
         out.append(result)
     report.kept = len(out)
     return out, report
-
-
-def _count(report: TokenizeReport, reason: str) -> None:
-    report.dropped[reason] = report.dropped.get(reason, 0) + 1
 
 
 def _fit(prompt: list[int], completions: list[list[int]], max_length: int,

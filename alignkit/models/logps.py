@@ -17,7 +17,12 @@ from typing import NamedTuple
 import torch
 
 from alignkit.losses.logprobs import shifted_targets, token_logps
-from alignkit.stages.common import split_lm
+
+
+def split_lm(model: torch.nn.Module):
+    """(trunk, lm_head) of a Hugging Face causal LM, also through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
 
 
 class SeqLogps(NamedTuple):

@@ -191,7 +191,7 @@ def precomputed_reference(model: torch.nn.Module, source: RowSource, rt: Runtime
         log(f"reference log-probs: loaded from the cache {path}")
         return Precomputed(tables, path)
     t0 = time.perf_counter()
-    tables = compute_tables(model, source, rt, batch_size=batch_size)
+    tables = compute_tables(model, source, rt, batch_size=batch_size, log=log)
     if dist.is_main():
         _write_tables(path, tables, fp)
     dist.barrier()
@@ -203,15 +203,19 @@ def precomputed_reference(model: torch.nn.Module, source: RowSource, rt: Runtime
 
 @torch.no_grad()
 def compute_tables(model: torch.nn.Module, source: RowSource, rt: Runtime, *,
-                   batch_size: int) -> dict[str, torch.Tensor]:
-    """{split: (rows,) fp32 CPU} — every row's Σ log p under ``model``, as training computes it."""
+                   batch_size: int, log: Callable[[str], None] | None = None,
+                   every_s: float = 30.0) -> dict[str, torch.Tensor]:
+    """{split: (rows,) fp32 CPU} — every row's Σ log p under ``model``, as training computes it.
+    With ``log``, a progress line every ``every_s`` seconds (a long pass must not look hung)."""
     ws, rank = dist.world_size(), dist.rank()
     tables = {}
+    last = time.perf_counter()
     with eval_mode(model):
         for split in SPLITS:
             table = torch.zeros(source.num_rows(split), dtype=torch.float32, device=rt.device)
             chunks = range(0, source.num_examples(split), batch_size)
-            for start in list(chunks)[rank::ws]:  # each rank its share of the batches
+            mine = list(chunks)[rank::ws]  # each rank its share of the batches
+            for done, start in enumerate(mine, 1):
                 indices = list(range(start, min(start + batch_size, source.num_examples(split))))
                 inputs, rows = source.model_inputs(indices, split)
                 inputs = {k: v.to(rt.device) for k, v in inputs.items()}
@@ -219,6 +223,9 @@ def compute_tables(model: torch.nn.Module, source: RowSource, rt: Runtime, *,
                     out = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"],
                                          inputs["loss_mask"])
                 table[rows.to(rt.device)] = out.logps.float()
+                if log is not None and time.perf_counter() - last >= every_s:
+                    last = time.perf_counter()
+                    log(f"reference log-probs ({split}): {done}/{len(mine)} batches")
             # entries a rank did not compute are 0, so the sum over ranks is the full table
             tables[split] = dist.all_reduce_sum(table).cpu()
     return tables

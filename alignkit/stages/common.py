@@ -22,6 +22,7 @@ from alignkit.engine import dist
 from alignkit.errors import AlignkitError
 from alignkit.losses.logprobs import shifted_targets
 from alignkit.losses.sft import sft_loss
+from alignkit.models.logps import split_lm
 
 DONE = "DONE"
 
@@ -142,12 +143,6 @@ def _first_difference(a, b, prefix: str = "") -> str | None:
                 return d
         return None
     return None if a == b else prefix.rstrip(".")
-
-
-def split_lm(model: torch.nn.Module):
-    """(trunk, lm_head) of a Hugging Face causal LM, also through a PEFT wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
 
 
 class CausalLMLoss(torch.nn.Module):

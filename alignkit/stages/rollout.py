@@ -42,7 +42,7 @@ from alignkit.losses.kl import kl_estimate
 from alignkit.losses.logprobs import shifted_targets, token_logps
 from alignkit.losses.ppo import entropy_from_logits, explained_variance
 from alignkit.models.lora import adapters_disabled
-from alignkit.stages.common import split_lm
+from alignkit.models.logps import split_lm
 
 # ---------------------------------------------------------------------------------------------
 # Prompts

@@ -171,3 +171,16 @@ def test_parameter_digest(tiny):
     assert parameter_digest(model) == parameter_digest(tiny_model(seed=0))
     assert parameter_digest(model) != parameter_digest(tiny_model(seed=1))
     assert parameter_digest(model) != parameter_digest(tiny_model(seed=0).to(torch.bfloat16))
+
+
+def test_long_precomputation_reports_progress(tiny):
+    model, _ = tiny
+    said = []
+    quiet = ref_mod.compute_tables(model, Rows(n_train=7, n_eval=3), CPU, batch_size=2)
+    loud = ref_mod.compute_tables(model, Rows(n_train=7, n_eval=3), CPU, batch_size=2,
+                                  log=said.append, every_s=0.0)
+    # every batch is reported when the interval is 0: 4 train batches, 2 eval batches
+    assert said[0] == "reference log-probs (train): 1/4 batches" and len(said) == 6
+    assert said[-1] == "reference log-probs (eval): 2/2 batches"
+    for split in quiet:
+        assert torch.equal(quiet[split], loud[split])

@@ -679,19 +679,9 @@ def collate_ranked(items: list[EncodedRanked], *, pad_id: int,
 
 def _pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int,
               pad_to_multiple_of: int | None) -> dict:
-    """(prompt, completion) rows -> right-padded ids, attention and completion masks."""
-    import torch
-
-    width = max(len(p) + len(c) for p, c in rows)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)  # (N, T)
-    attention_mask = torch.zeros(shape, dtype=torch.long)  # (N, T)
-    loss_mask = torch.zeros(shape, dtype=torch.bool)  # (N, T)
-    for row, (prompt, completion) in enumerate(rows):
-        n, m = len(prompt), len(completion)
-        input_ids[row, :n + m] = torch.tensor(prompt + completion, dtype=torch.long)
-        attention_mask[row, :n + m] = 1
-        loss_mask[row, n:n + m] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    """(prompt, completion) rows -> right-padded ids, attention and completion masks (the SFT
+    collate, with the loss mask True exactly on the completion)."""
+    from alignkit.data.collate import collate
+    from alignkit.data.templates import Encoded
+    examples = [Encoded(p + c, [False] * len(p) + [True] * len(c)) for p, c in rows]
+    return collate(examples, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)

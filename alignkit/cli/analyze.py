@@ -13,7 +13,7 @@ from alignkit.cli.main import app
 
 @app.command()
 def analyze(data: str = typer.Argument(..., help="Preference data: .jsonl/.json/.csv/.parquet, "
-                                                 "a saved HF dataset folder, or hub:NAME."),
+                                                 "a saved HF dataset folder, hub:NAME, or a quoted glob."),
             model: Optional[str] = typer.Option(None, help="Model whose tokenizer measures "
                                                 "tokens ('tiny' for tests). Default: the "
                                                 "embedded SmolLM2-135M-Instruct."),

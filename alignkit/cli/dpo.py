@@ -12,8 +12,8 @@ from alignkit.cli.main import (AccumOpt, BatchOpt, ConfigOpt, DeviceOpt, EpochsO
                                PrecisionOpt, SeedOpt, SetOpt, TemplateOpt, _train_stage, app)
 
 PreferenceDataOpt = typer.Option(None, help="Preference data (required): .jsonl/.json/.csv/"
-                                            ".parquet, a saved HF dataset folder, or hub:NAME; "
-                                            "pairs (prompt, chosen, rejected), HH-RLHF "
+                                            ".parquet, a saved HF dataset folder, hub:NAME or "
+                                            "a glob; pairs (prompt, chosen, rejected), HH-RLHF "
                                             "transcripts, or ranked lists.")
 BetaOpt = typer.Option(None, help="β: strength of the pull towards the reference "
                                   "(DPO's KL coefficient).")

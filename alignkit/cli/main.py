@@ -23,7 +23,7 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file; flags o
 ModelOpt = typer.Option(None, help="HF hub id, local folder, .gguf file, run folder or 'tiny'. "
                                    "Default: the embedded SmolLM2-135M-Instruct.")
 DataOpt = typer.Option(None, help="Training data: .jsonl/.json/.csv/.parquet, a saved HF dataset "
-                                  "folder, or hub:NAME. Default: the shipped demo set.")
+                                  "folder, hub:NAME, or a quoted glob. Default: the shipped demo set.")
 OutputOpt = typer.Option(None, "--output", "-o", help="Run folder to write (resumed if unfinished).")
 MaxStepsOpt = typer.Option(None, help="Optimizer steps (overrides --epochs).")
 EpochsOpt = typer.Option(None, help="Passes over the training data.")

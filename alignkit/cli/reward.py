@@ -16,7 +16,7 @@ PreferenceDataOpt = typer.Option(None, "--data", help="Preference data (required
                                  "(prompt, chosen, rejected[, margin, label]), HH-RLHF "
                                  "transcripts, or ranked lists (prompt, responses, ranking | "
                                  "scores); .jsonl/.json/.csv/.parquet, a saved HF dataset "
-                                 "folder, or hub:NAME.")
+                                 "folder, hub:NAME, or a quoted glob (data/*/train.jsonl).")
 RankedLossOpt = typer.Option(None, help="Ranked lists: 'pairs' (all K(K-1)/2 pairs, "
                                         "InstructGPT) or 'plackett_luce' (listwise).")
 

@@ -151,6 +151,15 @@ class RewardConfig(_Strict):
     # Plackett-Luce listwise likelihood. Pairs always use Bradley-Terry.
     ranked_loss: Literal["pairs", "plackett_luce"] = "pairs"
     center_rewards: float = Field(0.0, ge=0.0)  # coefficient of (r_c + r_r)^2
+    # The new scalar head: "probe" sets it to a linear probe of the frozen trunk fitted on up to
+    # probe_examples training examples before fine-tuning starts (LP-FT, Kumar et al. 2022; one
+    # forward over them); "random" draws it from N(0, 1/(H + 1)).
+    head_init: Literal["probe", "random"] = "probe"
+    probe_examples: int = Field(2048, gt=0)
+    # Peak learning rate of the head (same warm-up and schedule as train.lr); null: train.lr.
+    # Under Adam a weight moves about lr per step, so a random head at a trunk's 1e-5 barely
+    # changes in an epoch: with head_init random, give it ~1e-3.
+    head_lr: float | None = Field(None, gt=0)
     output: str = "runs/reward"
 
 

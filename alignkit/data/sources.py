@@ -8,6 +8,8 @@ Supported sources, chosen by the path:
 - ``*.parquet`` read with pyarrow.
 - a folder written by ``datasets.Dataset.save_to_disk`` (needs ``pip install datasets``).
 - ``hub:NAME``  ``datasets.load_dataset(NAME, split=split)`` (needs ``pip install datasets``).
+- a glob (``data/*/train.jsonl``): every matching file in sorted order, records concatenated,
+  each still naming its own file and line.
 
 Every problem is an :class:`~alignkit.errors.InputError` naming the path and, where there is
 one, the line. Text files must be UTF-8; a leading byte-order mark is tolerated.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import glob
 import io
 import json
 import os
@@ -44,6 +47,11 @@ class Record:
 def read_records(path: str, *, split: str = "train") -> list[Record]:
     """All records of ``path`` in order; raises InputError on anything unreadable or empty."""
     path = str(path)
+    if glob.has_magic(path) and not path.startswith("hub:") and not os.path.exists(path):
+        matches = sorted(m for m in glob.glob(path) if not os.path.isdir(m))
+        if not matches:
+            raise InputError("no file matches this pattern", path=path)
+        return [rec for match in matches for rec in read_records(match, split=split)]
     if path.startswith("hub:"):
         records = _read_hub(path, split)
     elif os.path.isdir(path):

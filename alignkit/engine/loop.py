@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -48,6 +48,9 @@ class FitResult:
     last: dict
     eval: dict | None
     resumed_from: int
+    # Throughput of the optimizer steps this call ran (evals and saves excluded), all processes
+    # together: examples (pairs, lists, sequences) and tokens per second.
+    throughput: dict = field(default_factory=dict)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -62,17 +65,27 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    decay, no_decay = [], []
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                    lr_groups: Sequence[tuple[Sequence[torch.nn.Parameter], float]] = ()):
+    """Fused AdamW over ``model``'s trainable parameters.
+
+    ``lr_groups``: (parameters, peak lr) pairs that train at their own peak learning rate instead
+    of ``cfg.lr`` (a freshly initialised head beside a pretrained trunk). Every group keeps its
+    peak in ``base_lr``; the schedule scales each group's own peak.
+    """
+    special = {id(p): lr for params, lr in lr_groups for p in params}
+    buckets: dict[tuple[float, bool], list] = {}
     for p in model.parameters():
         if p.requires_grad:
             # Norm gains and biases are not decayed (standard practice since BERT).
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if not groups:
+            key = (special.get(id(p), cfg.lr), p.ndim >= 2)
+            buckets.setdefault(key, []).append(p)
+    if not buckets:
         raise AlignkitError("the model has no trainable parameters")
+    # The cfg.lr groups come first, so param_groups[0] carries the main learning rate.
+    order = sorted(buckets, key=lambda k: (k[0] != cfg.lr, not k[1]))
+    groups = [{"params": buckets[k], "lr": k[0], "base_lr": k[0],
+               "weight_decay": cfg.weight_decay if k[1] else 0.0} for k in order]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                              fused=device.type in ("cpu", "cuda"))
 
@@ -96,8 +109,12 @@ class _Order:
 
 
 def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, output: Path,
-        log: Callable[[str], None] = print) -> FitResult:
-    """Train ``model`` (its ``requires_grad`` parameters) on ``task``; resume from ``output``."""
+        log: Callable[[str], None] = print,
+        lr_groups: Sequence[tuple[Sequence[torch.nn.Parameter], float]] = ()) -> FitResult:
+    """Train ``model`` (its ``requires_grad`` parameters) on ``task``; resume from ``output``.
+
+    ``lr_groups`` gives some parameters their own peak learning rate (:func:`build_optimizer`).
+    """
     ws, rank = dist.world_size(), dist.rank()
     micro = cfg.batch_size // cfg.grad_accum
     n = task.num_examples("train")
@@ -108,7 +125,7 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
 
-    optimizer = build_optimizer(model, cfg, rt.device)
+    optimizer = build_optimizer(model, cfg, rt.device, lr_groups)
     ckpt_root = output / "checkpoints"
     start = 0
     ck = checkpoint.latest_good(ckpt_root, log=log)
@@ -128,21 +145,27 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
     if cfg.eval_on_start and start == 0 and task.num_examples("eval") > 0:
         metrics.write({"step": 0, **evaluate(task, net, cfg, rt)})
     window = _Window()  # throughput counts training time only: evals and saves are excluded
+    run_s, run_examples, run_tokens = 0.0, 0, 0
     model.train()
     for step in range(start, total):
+        t_step = time.perf_counter()
         ids = order.indices(step, rank, cfg.batch_size)
         batches = [task.collate(ids[i:i + micro], "train") for i in range(0, len(ids), micro)]
         loss_sum, metric_sums, grad_norm = _step(net, batches, params, cfg, rt, ws)
         _guard(loss_sum, grad_norm, step + 1, ids, ckpt_root, rt)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
+            peak = group.get("base_lr", cfg.lr)
+            group["lr"] = peak * lr_factor(step, total, warmup, cfg.schedule)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window.add(batches, loss_sum, metric_sums, grad_norm)
+        run_examples += len(ids) * ws
+        run_tokens += sum(b.tokens for b in batches) * ws  # an estimate: ranks' token counts differ
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
-            last = window.flush(rt.device) | {"step": done, "epoch": round(done / order.steps_per_epoch, 4),
-                                              "lr": optimizer.param_groups[0]["lr"]}
+            last = window.flush(rt.device) | {
+                "step": done, "epoch": round(done / order.steps_per_epoch, 4),
+                "lr": optimizer.param_groups[0]["lr"]}
             metrics.write(last)
             bar.update(done, {"loss": last["loss"], "tok/s": round(last["tokens_per_s"])})
         t_aside = time.perf_counter()
@@ -151,12 +174,17 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
         if cfg.save_every and done % cfg.save_every == 0 and done != total:
             _save(ckpt_root, done, model, optimizer, cfg)
         window.t0 += time.perf_counter() - t_aside
+        run_s += t_aside - t_step
     bar.close()
     if task.num_examples("eval") > 0:
         eval_result = evaluate(task, net, cfg, rt)
         metrics.write({"step": total, **eval_result})
     model.eval()
-    return FitResult(steps=total, last=last, eval=eval_result, resumed_from=start)
+    throughput = {"train_s": round(run_s, 2), "steps": total - start,
+                  "examples_per_s": run_examples / run_s if run_s > 0 else 0.0,
+                  "tokens_per_s": run_tokens / run_s if run_s > 0 else 0.0}
+    return FitResult(steps=total, last=last, eval=eval_result, resumed_from=start,
+                     throughput=throughput)
 
 
 def _step(net, batches: list[Batch], params, cfg: TrainConfig, rt: Runtime, ws: int):
@@ -225,7 +253,8 @@ class _Window:
 
     def flush(self, device) -> dict:
         keys = sorted(self.metrics)
-        vec = torch.stack([torch.as_tensor(self.loss, device=device, dtype=torch.float32).reshape(()),
+        loss = torch.as_tensor(self.loss, device=device, dtype=torch.float32).reshape(())
+        vec = torch.stack([loss,
                            torch.tensor(float(self.count), device=device),
                            torch.tensor(float(self.tokens), device=device)]
                           + [self.metrics[k].reshape(()).to(device) for k in keys])

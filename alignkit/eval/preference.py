@@ -30,8 +30,10 @@ def _encoded_pairs(path: str, tokenizer, *, template: str, max_length: int,
 def _summarise(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     margins = chosen - rejected
     both = torch.cat([chosen, rejected])
+    # accuracy counts strict wins: a tie (margin exactly 0, as for a policy equal to its
+    # reference) is not a win, and ``ties`` says how many there were.
     return {"pairs": len(chosen), "accuracy": (margins > 0).float().mean().item(),
-            "margin": margins.mean().item(), "reward_mean": both.mean().item(),
+            "ties": int((margins == 0).sum()), "margin": margins.mean().item(), "reward_mean": both.mean().item(),
             "reward_std": both.std().item() if len(both) > 1 else 0.0}
 
 

@@ -209,6 +209,24 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
+def pooled_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The trunk's final hidden state at each row's last real token: what the head reads.
+
+    Shapes: input_ids (R, T) long, attention_mask (R, T) → (R, H) in the trunk's compute dtype.
+    """
+    trunk, _ = split_reward_model(model)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                   use_cache=False).last_hidden_state  # (R, T, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last_token_index(attention_mask)]
+
+
+def head_linears(model) -> list[torch.nn.Linear]:
+    """The score head's Linear layer(s): one, or PEFT's original and trainable copies."""
+    head = split_reward_model(model)[1]
+    return [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+
+
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """r = w · h_t for each row, t = its last real token (from ``attention_mask``), in fp32.
 
@@ -218,11 +236,8 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
     Shapes: input_ids (R, T) long, attention_mask (R, T) → (R,) float32.
     """
-    trunk, head = split_reward_model(model)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                   use_cache=False).last_hidden_state  # (R, T, H)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    pooled = hidden[rows, last_token_index(attention_mask)]  # (R, H)
+    head = split_reward_model(model)[1]
+    pooled = pooled_features(model, input_ids, attention_mask)  # (R, H)
     head_dtype = next(head.parameters()).dtype
     with torch.autocast(pooled.device.type, enabled=False):
         return head(pooled.to(head_dtype)).float().squeeze(-1)

@@ -128,11 +128,26 @@ def end(stage: Stage, model, tokenizer, result, summary: dict | None = None) -> 
     """Save the final model, then write DONE (last, so a kill never leaves a complete-looking
     folder)."""
     stage.run_dir.save_model(model, tokenizer)
-    stage.run_dir.finish(summary or {
+    summary = dict(summary or {
         "steps": result.steps, "train": result.last, "eval": result.eval,
         "resumed_from": result.resumed_from, "wall_s": round(time.perf_counter() - stage.t0, 2)})
+    summary.setdefault("throughput", result.throughput)
+    summary.setdefault("peak_memory", peak_memory())
+    stage.run_dir.finish(summary)
     stage.log(f"saved to {stage.run_dir.path}")
     return stage.run_dir.path
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory (GB; Linux reports KiB, macOS bytes) and, on CUDA,
+    the peak memory PyTorch allocated on the current device."""
+    import resource
+    import sys
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"rss_gb": round(rss / (2**30 if sys.platform == "darwin" else 2**20), 3)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
 
 
 def _first_difference(a, b, prefix: str = "") -> str | None:

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config.schema import ModelConfig, PreferenceDataConfig, RewardConfig
+from alignkit.engine import checkpoint
 from alignkit.engine.loop import Batch, fit
 from alignkit.errors import InputError
 from alignkit.losses.reward import (bradley_terry_loss, centering_penalty, plackett_luce_loss,
@@ -152,6 +153,110 @@ def _mean_pair_sum_sq(table: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return sq.sum(-1) / valid.sum(-1).clamp(min=1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Linear-probe head initialisation (LP-FT)
+
+PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # on standardised features; picked on a held-out fifth
+
+
+@torch.no_grad()
+def _probe_batches(task: PreferenceTask, indices: list[int], micro: int, rt) -> list:
+    """(features (R, H) fp32 on the CPU, the batch's non-model inputs) per micro-batch."""
+    from alignkit.models.heads import pooled_features
+    device = next(task.model.parameters()).device
+    out = []
+    for start in range(0, len(indices), micro):
+        b = task.collate(indices[start:start + micro], "train")
+        ids, mask = b.inputs["input_ids"].to(device), b.inputs["attention_mask"].to(device)
+        with rt.autocast():
+            feats = pooled_features(task.model, ids, mask).float().cpu()
+        aux = {k: v for k, v in b.inputs.items() if k not in ("input_ids", "attention_mask")}
+        out.append((feats, aux))
+    return out
+
+
+def _fit_probe(batches: list, loss: "RewardModelLoss", l2: float, mu, sd) -> torch.Tensor:
+    """w minimising mean(training loss of rewards ((f − μ)/σ)·w) + l2·|w|², by L-BFGS."""
+    w = torch.zeros(mu.shape[0], dtype=torch.float32, requires_grad=True)
+    units = sum(_units(aux) for _, aux in batches)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        total = sum(_probe_loss(loss, ((f - mu) / sd) @ w, aux)[0] for f, aux in batches)
+        value = total / units + l2 * (w ** 2).sum()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return w.detach()
+
+
+def _units(aux: dict) -> int:
+    return len(aux["list_mask"]) if "list_mask" in aux else len(aux["margin"])
+
+
+def _probe_loss(loss: "RewardModelLoss", rewards: torch.Tensor, aux: dict):
+    """(Σ loss, Σ accuracy) of the training objective for a batch's rewards."""
+    if "list_mask" in aux:
+        total, ms = loss._lists(rewards, aux["list_index"], aux["rank"], aux["list_mask"])
+    else:
+        total, ms = loss._pairs(rewards, aux["margin"], aux["label"])
+    return total, ms["accuracy"]
+
+
+def probe_head(task: PreferenceTask, model, rt, *, max_examples: int, micro: int, seed: int,
+               log=print) -> dict:
+    """Set the score head to a linear probe of the frozen trunk, before fine-tuning (LP-FT).
+
+    A fresh random head beside a pretrained trunk learns slowly at the trunk's learning rate, and
+    its first gradients push the trunk's features towards a random direction (Kumar et al. 2022,
+    "Fine-Tuning can Distort Pretrained Features"). Instead: pool the frozen trunk's features of
+    up to ``max_examples`` training pairs or lists (one forward each), fit w by L-BFGS on the
+    stage's own loss (Bradley–Terry with margins and soft labels, ranked pairs or Plackett–Luce,
+    centering) with an L2 penalty chosen on a held-out fifth of them, refit on all, and write
+    w / σ into the head (features are standardised for the fit). Returns what it did.
+    """
+    t0 = time.perf_counter()
+    n = task.num_examples("train")
+    gen = torch.Generator().manual_seed(seed * 7_919 + 1)
+    chosen = torch.randperm(n, generator=gen)[:max_examples].tolist()
+    cut = max(1, len(chosen) // 5) if len(chosen) >= 10 else 0
+    val_idx, fit_idx = chosen[:cut], chosen[cut:]
+    was_training = model.training
+    model.eval()
+    fit_b, val_b = _probe_batches(task, fit_idx, micro, rt), _probe_batches(task, val_idx, micro, rt)
+    model.train(was_training)
+    rows = torch.cat([f for f, _ in fit_b + val_b])
+    mu, sd = rows.mean(0), rows.std(0).clamp(min=1e-6)
+    loss = RewardModelLoss(None, ranked_loss=task.ranked_loss, center_rewards=task.center_rewards)
+    scores = {}
+    if val_b:
+        val_units = sum(_units(aux) for _, aux in val_b)
+        for l2 in PROBE_L2:
+            w = _fit_probe(fit_b, loss, l2, mu, sd)
+            with torch.no_grad():
+                parts = [_probe_loss(loss, ((f - mu) / sd) @ w, aux) for f, aux in val_b]
+            scores[l2] = (sum(p[0] for p in parts).item() / val_units,
+                          sum(p[1] for p in parts).item() / val_units)
+        l2 = min(scores, key=lambda k: scores[k][0])
+    else:
+        l2 = PROBE_L2[len(PROBE_L2) // 2]
+    w = _fit_probe(fit_b + val_b, loss, l2, mu, sd) / sd  # back to the raw features' scale
+    from alignkit.models.heads import head_linears
+    with torch.no_grad():
+        for linear in head_linears(model):
+            linear.weight.copy_(w.to(linear.weight.dtype).reshape(linear.weight.shape))
+    info = {"examples": len(chosen), "l2": l2, "seconds": round(time.perf_counter() - t0, 1)}
+    if l2 in scores:
+        info |= {"val_loss": round(scores[l2][0], 4), "val_accuracy": round(scores[l2][1], 4)}
+    log("head initialised by a linear probe of the frozen trunk on "
+        f"{info['examples']} training examples (L2 {l2:g}"
+        + (f"; held-out fifth: accuracy {info['val_accuracy']:.3f}, loss {info['val_loss']:.3f}"
+           if "val_loss" in info else "") + f") in {info['seconds']:.0f} s")
+    return info
+
+
 def reward_std(metrics: dict | None, prefix: str = "") -> float | None:
     """sqrt(E[r²] − E[r]²) from averaged ``reward_sq`` and ``reward_mean`` (None if absent)."""
     if not metrics or f"{prefix}reward_sq" not in metrics:
@@ -199,7 +304,7 @@ def preference_examples(cfg: PreferenceDataConfig, tokenizer, seed: int, log):
 def run(cfg: RewardConfig, *, overwrite: bool = False, log=print) -> Path:
     """Train and save a reward model; returns the run folder. Reruns resume; a finished run is
     left as it is."""
-    from alignkit.models.heads import apply_reward_lora, load_reward_model
+    from alignkit.models.heads import apply_reward_lora, load_reward_model, split_reward_model
     from alignkit.models.load import load_tokenizer
 
     st = begin(cfg, overwrite=overwrite, log=log)  # the seed also fixes the new head's init
@@ -216,7 +321,18 @@ def run(cfg: RewardConfig, *, overwrite: bool = False, log=print) -> Path:
     st.run_dir.write_json("data_report.json", report)
     task = PreferenceTask(model, train, evals, tokenizer.pad_token_id,
                           ranked_loss=cfg.ranked_loss, center_rewards=cfg.center_rewards)
-    result = fit(task, model, cfg.train, st.rt, output=st.run_dir.path, log=st.log)
+    fresh_head = not _is_saved_reward_model(cfg.model)
+    resuming = checkpoint.latest_good(st.run_dir.path / "checkpoints", quiet=True) is not None
+    if fresh_head and cfg.head_init == "probe" and not resuming:
+        micro = cfg.train.batch_size // cfg.train.grad_accum
+        info = probe_head(task, model, st.rt, max_examples=cfg.probe_examples, micro=micro,
+                          seed=cfg.train.seed, log=st.log)
+        report["head_probe"] = info
+        st.run_dir.write_json("data_report.json", report)
+    head = split_reward_model(model)[1]
+    lr_groups = [(list(head.parameters()), cfg.head_lr)] if cfg.head_lr else []
+    result = fit(task, model, cfg.train, st.rt, output=st.run_dir.path, log=st.log,
+                 lr_groups=lr_groups)
     summary = _summary(result, st.t0)
     if summary["eval"]:
         e = summary["eval"]
@@ -224,6 +340,13 @@ def run(cfg: RewardConfig, *, overwrite: bool = False, log=print) -> Path:
                f"reward {e['eval/reward_mean']:.3f} ± {e['eval/reward_std']:.3f}")
     # merges LoRA; the pad token was made distinct on load
     return end(st, model, tokenizer, result, summary)
+
+
+def _is_saved_reward_model(cfg: ModelConfig) -> bool:
+    """Does the run start from a trained reward model (whose head must be kept)?"""
+    from alignkit.models.heads import _is_reward_model
+    from alignkit.models.load import resolve_model_path
+    return _is_reward_model(resolve_model_path(cfg.name_or_path), cfg)
 
 
 def _summary(result, t0: float) -> dict:

@@ -194,3 +194,21 @@ def test_saved_hf_dataset_folder(tmp_path):
     with pytest.raises(InputError) as e:
         read_records(str(tmp_path / "dd"), split="test")
     assert_error(e, tmp_path / "dd", None, "split", "train")
+
+
+def test_a_glob_concatenates_matching_files_in_order_and_errors_name_each_file(tmp_path):
+    for sub, rows in (("b", [{"a": 3}]), ("a", [{"a": 1}, {"a": 2}])):
+        (tmp_path / sub).mkdir()
+        write_jsonl(tmp_path / sub / "train.jsonl", rows)
+    recs = read_records(str(tmp_path / "*" / "train.jsonl"))
+    assert [r.data["a"] for r in recs] == [1, 2, 3]
+    assert [(r.path, r.line) for r in recs] == [
+        (str(tmp_path / "a" / "train.jsonl"), 1), (str(tmp_path / "a" / "train.jsonl"), 2),
+        (str(tmp_path / "b" / "train.jsonl"), 1)]
+    (tmp_path / "b" / "train.jsonl").write_text('{"a": 3}\n{"a": \n', encoding="utf-8")
+    with pytest.raises(InputError) as e:
+        read_records(str(tmp_path / "*" / "train.jsonl"))
+    assert_error(e, tmp_path / "b" / "train.jsonl", 2, None, "malformed JSON")
+    with pytest.raises(InputError) as e:
+        read_records(str(tmp_path / "*" / "eval.jsonl"))
+    assert_error(e, tmp_path / "*" / "eval.jsonl", None, None, "no file matches")

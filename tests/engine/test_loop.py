@@ -137,3 +137,30 @@ def test_eval_on_start_logs_a_step_zero_baseline(tmp_path):
     rows = read_metrics(tmp_path / "metrics.jsonl")
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 2] and evals[1]["eval/loss"] < evals[0]["eval/loss"]
+
+
+def test_lr_groups_train_at_their_own_peak_under_the_same_schedule(tmp_path):
+    # Adam's first step moves every weight by its lr (|m̂ / √v̂| = 1), so each group's step size
+    # is visible in the weights: the weight at 0.05, the bias at its own 0.5.
+    task = ToyTask()
+    w0, b0 = task.model.weight.detach().clone(), task.model.bias.detach().clone()
+    fit(task, task.model, cfg(max_steps=1), CPU32, output=tmp_path / "a", log=lambda *_: None,
+        lr_groups=[([task.model.bias], 0.5)])
+    assert torch.allclose((task.model.weight - w0).abs(), torch.full_like(w0, 0.05), atol=1e-5)
+    assert torch.allclose((task.model.bias - b0).abs(), torch.tensor([0.5]), atol=1e-5)
+    # The schedule scales both peaks alike and a resumed run keeps the group's peak.
+    from alignkit.engine.loop import build_optimizer
+    opt = build_optimizer(task.model, cfg(lr=0.05), torch.device("cpu"),
+                          [([task.model.bias], 0.5)])
+    assert [(g["base_lr"], len(g["params"])) for g in opt.param_groups] == [(0.05, 1), (0.5, 1)]
+    full, part = ToyTask(), ToyTask()
+    c = dict(max_steps=6, schedule="cosine", warmup_steps=2)
+    fit(full, full.model, cfg(**c), CPU32, output=tmp_path / "f", log=lambda *_: None,
+        lr_groups=[([full.model.bias], 0.5)])
+    fit(part, part.model, cfg(**c, save_every=3), CPU32, output=tmp_path / "p",
+        log=lambda *_: None, lr_groups=[([part.model.bias], 0.5)])
+    again = ToyTask()
+    r = fit(again, again.model, cfg(**c, save_every=3), CPU32, output=tmp_path / "p",
+            log=lambda *_: None, lr_groups=[([again.model.bias], 0.5)])
+    assert r.resumed_from == 3
+    assert torch.equal(full.model.bias, again.model.bias)

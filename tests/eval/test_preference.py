@@ -26,6 +26,7 @@ def test_policy_equal_to_reference_has_zero_implicit_rewards(pairs, tmp_path):
                                    template="inst", batch_size=5)
     # log π − log π_ref = 0 for every response: margins 0, and ties count as wrong
     assert out["pairs"] == 12 and out["accuracy"] == 0.0 and out["margin"] == 0.0
+    assert out["ties"] == 12
 
 
 def test_reward_model_accuracy_flips_when_sides_swap(pairs, tmp_path):
@@ -38,5 +39,6 @@ def test_reward_model_accuracy_flips_when_sides_swap(pairs, tmp_path):
     a = reward_model_accuracy(str(tmp_path / "rm"), str(pairs[0]), template="inst", batch_size=4)
     b = reward_model_accuracy(str(tmp_path / "rm"), str(pairs[1]), template="inst", batch_size=7)
     assert a["pairs"] == b["pairs"] == 12
+    assert a["ties"] == b["ties"] == 0
     assert a["accuracy"] + b["accuracy"] == pytest.approx(1.0)
     assert a["margin"] == pytest.approx(-b["margin"], abs=1e-5)

@@ -65,9 +65,10 @@ def quiet(*_):
 
 
 def test_learns_an_obvious_preference(tmp_path):
+    # A random head (not the probe), so that the run has to learn from chance.
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_records())
-    out = reward.run(cfg(data, tmp_path / "rm", **{"train.eval_every": 5,
-                                                   "train.eval_on_start": True}), log=quiet)
+    out = reward.run(cfg(data, tmp_path / "rm", head_init="random",
+                         **{"train.eval_every": 5, "train.eval_on_start": True}), log=quiet)
     m = read_metrics(out / "metrics.jsonl")
     train = [r for r in m if "loss" in r]
     evals = [r for r in m if "eval/accuracy" in r]
@@ -227,3 +228,57 @@ def test_lora_reward_model_saves_merged(tmp_path):
     from transformers import AutoModelForSequenceClassification
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and model.config.pad_token_id == 0
+
+
+@pytest.mark.parametrize("records,ranked_loss", [(pair_records, "pairs"),
+                                                 (ranked_records, "pairs"),
+                                                 (ranked_records, "plackett_luce")])
+def test_probe_head_starts_from_the_best_linear_head_of_the_frozen_trunk(tmp_path, records,
+                                                                         ranked_loss):
+    data = write_jsonl(tmp_path / "d.jsonl", records(64))
+    logs = []
+    over = {"train.eval_on_start": True, "train.max_steps": 1, "ranked_loss": ranked_loss,
+            "data.eval_fraction": 0.25}
+    out = reward.run(cfg(data, tmp_path / "probe", **over), log=logs.append)
+    rand = reward.run(cfg(data, tmp_path / "rand", head_init="random", **over), log=quiet)
+    probe = json.loads((out / "data_report.json").read_text())["head_probe"]
+    assert probe["examples"] > 0 and probe["l2"] in reward.PROBE_L2
+    assert any("linear probe" in line for line in logs)
+    # Step 0 (before any fine-tuning) on held-out data: the probe already separates the
+    # obvious preference, the random head does not.
+    first = lambda run: [r for r in read_metrics(run / "metrics.jsonl") if r["step"] == 0][0]
+    assert first(out)["eval/accuracy"] >= 0.85 > first(rand)["eval/accuracy"]
+    assert first(out)["eval/loss"] < 0.75 * first(rand)["eval/loss"]
+
+
+def test_probe_minimises_the_stage_loss_on_the_frozen_features(tmp_path):
+    # The probe's w is a minimiser of mean BT loss + l2·|w|² on the standardised features: the
+    # gradient there is ~0, and any perturbation raises the objective.
+    from alignkit.data.preference import tokenize_preferences, load_preferences
+    from alignkit.stages.reward import (PreferenceTask, RewardModelLoss, _fit_probe,
+                                        _probe_batches, _probe_loss)
+    from alignkit.engine.device import Runtime
+    path = write_jsonl(tmp_path / "d.jsonl", pair_records(24))
+    torch.manual_seed(0)
+    rm, tok = load_reward_model(ModelConfig(name_or_path="tiny"))
+    items, _ = load_preferences(str(path))
+    enc, _ = tokenize_preferences(tok, items, template="plain", max_length=64,
+                                  truncation="truncate_left")
+    task = PreferenceTask(rm, enc, [], tok.pad_token_id, ranked_loss="pairs",
+                          center_rewards=0.0)
+    batches = _probe_batches(task, list(range(24)), 8, Runtime(torch.device("cpu"), None))
+    rows = torch.cat([f for f, _ in batches])
+    mu, sd = rows.mean(0), rows.std(0).clamp(min=1e-6)
+    loss = RewardModelLoss(None)
+
+    def objective(w):
+        return (sum(_probe_loss(loss, ((f - mu) / sd) @ w, aux)[0] for f, aux in batches) / 24
+                + 0.01 * (w ** 2).sum())
+
+    w = _fit_probe(batches, loss, 0.01, mu, sd).requires_grad_(True)
+    value = objective(w)
+    (grad,) = torch.autograd.grad(value, w)
+    assert grad.abs().max() < 1e-3
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        assert objective(w.detach() + 0.05 * torch.randn(w.shape, generator=g)) > value

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 $(STAMP):
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,18 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/alignkit demo
 
-test: setup
+# The report test opens the HTML in headless Chromium. Where it is missing and we may install OS
+# packages (root with apt-get, as in CI), take Debian's package (~1 min); otherwise that one test
+# is skipped, with its reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Chromium from the OS packages for the report's browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium >/dev/null) || echo "could not install Chromium: that test will be skipped"; \
+	  else echo "no Chromium: the report's browser test will be skipped"; fi; }
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 clean:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from alignkit.data.preference import (PreferencePair, PreferenceReport, encode_completion,
                                       load_preferences, pairs_from_ranked)
+from alignkit.eval.plots import pyplot, save_figure
 from alignkit.eval.text import TextFeatures, text_features
 
 PERCENTILES = (50, 90, 95, 99)
@@ -242,16 +243,9 @@ def write_outputs(analysis: Analysis, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, never a window; safe on headless machines
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_lengths(analysis: Analysis, path: Path) -> None:
     """Histograms of chosen vs rejected length: characters, and tokens where measured."""
-    plt = _pyplot()
+    plt = pyplot()
     units = [u for u in ("chars", "tokens") if f"chosen_{u}" in analysis.lengths]
     fig, axes = plt.subplots(1, len(units), figsize=(6 * len(units), 4), squeeze=False)
     for ax, unit in zip(axes[0], units):
@@ -264,13 +258,12 @@ def plot_lengths(analysis: Analysis, path: Path) -> None:
         ax.legend()
     fig.suptitle("Response length: chosen vs rejected")
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_feature_rates(summary: dict, path: Path) -> None:
     """Grouped bars: fraction of chosen and of rejected with structure / nuance / refusal."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = range(len(FEATURES))
     for offset, side in ((-0.2, "chosen"), (0.2, "rejected")):
@@ -282,8 +275,7 @@ def plot_feature_rates(summary: dict, path: Path) -> None:
     ax.legend()
     ax.set_title("Text features: chosen vs rejected")
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _pct(x: float | None) -> str:

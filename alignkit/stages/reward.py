@@ -156,53 +156,74 @@ def _mean_pair_sum_sq(table: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Linear-probe head initialisation (LP-FT)
 
-PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # on standardised features; picked on a held-out fifth
+PROBE_L2 = (1e-3, 1e-2, 1e-1, 1.0)  # on standardised features, per unit; chosen by CV
+PROBE_FOLDS = 5
 
 
 @torch.no_grad()
-def _probe_batches(task: PreferenceTask, indices: list[int], micro: int, rt) -> list:
-    """(features (R, H) fp32 on the CPU, the batch's non-model inputs) per micro-batch."""
+def _probe_units(task: PreferenceTask, indices: list[int], micro: int, rt) -> list:
+    """One (features (R, H) fp32 on the CPU, its non-model inputs) per example: a pair's two
+    rows (chosen, rejected) or a list's K rows, with the batch inputs that belong to it."""
     from alignkit.models.heads import pooled_features
     device = next(task.model.parameters()).device
-    out = []
+    units = []
     for start in range(0, len(indices), micro):
         b = task.collate(indices[start:start + micro], "train")
         ids, mask = b.inputs["input_ids"].to(device), b.inputs["attention_mask"].to(device)
         with rt.autocast():
             feats = pooled_features(task.model, ids, mask).float().cpu()
-        aux = {k: v for k, v in b.inputs.items() if k not in ("input_ids", "attention_mask")}
-        out.append((feats, aux))
-    return out
+        if "list_mask" in b.inputs:
+            li, rank, lm = b.inputs["list_index"], b.inputs["rank"], b.inputs["list_mask"]
+            for i in range(lm.shape[0]):
+                rows = li == i
+                units.append((feats[rows], {"rank": rank[rows], "list_mask": lm[i]}))
+        else:
+            B = feats.shape[0] // 2
+            for i in range(B):
+                units.append((feats[[i, B + i]], {"margin": b.inputs["margin"][i],
+                                                  "label": b.inputs["label"][i]}))
+    return units
 
 
-def _fit_probe(batches: list, loss: "RewardModelLoss", l2: float, mu, sd) -> torch.Tensor:
-    """w minimising mean(training loss of rewards ((f − μ)/σ)·w) + l2·|w|², by L-BFGS."""
-    w = torch.zeros(mu.shape[0], dtype=torch.float32, requires_grad=True)
-    units = sum(_units(aux) for _, aux in batches)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        total = sum(_probe_loss(loss, ((f - mu) / sd) @ w, aux)[0] for f, aux in batches)
-        value = total / units + l2 * (w ** 2).sum()
-        value.backward()
-        return value
-
-    opt.step(closure)
-    return w.detach()
-
-
-def _units(aux: dict) -> int:
-    return len(aux["list_mask"]) if "list_mask" in aux else len(aux["margin"])
+def _stack(units: list) -> tuple[torch.Tensor, dict]:
+    """Many units as one batch laid out as the training loss expects."""
+    feats = [f for f, _ in units]
+    if "list_mask" in units[0][1]:
+        k = max(aux["list_mask"].shape[0] for _, aux in units)
+        mask = torch.zeros(len(units), k, dtype=torch.bool)
+        for i, (_, aux) in enumerate(units):
+            mask[i, :aux["list_mask"].shape[0]] = aux["list_mask"]
+        aux = {"list_index": torch.cat([torch.full((len(f),), i) for i, f in enumerate(feats)]),
+               "rank": torch.cat([a["rank"] for _, a in units]), "list_mask": mask}
+        return torch.cat(feats), aux
+    rows = torch.cat([torch.stack([f[0] for f in feats]), torch.stack([f[1] for f in feats])])
+    return rows, {"margin": torch.stack([a["margin"] for _, a in units]),
+                  "label": torch.stack([a["label"] for _, a in units])}
 
 
 def _probe_loss(loss: "RewardModelLoss", rewards: torch.Tensor, aux: dict):
-    """(Σ loss, Σ accuracy) of the training objective for a batch's rewards."""
+    """(Σ loss, Σ accuracy) of the training objective for a stacked batch's rewards."""
     if "list_mask" in aux:
         total, ms = loss._lists(rewards, aux["list_index"], aux["rank"], aux["list_mask"])
     else:
         total, ms = loss._pairs(rewards, aux["margin"], aux["label"])
     return total, ms["accuracy"]
+
+
+def _fit_probe(feats: torch.Tensor, aux: dict, n: int, loss: "RewardModelLoss",
+               l2: float) -> torch.Tensor:
+    """w minimising (1/n)·Σ training loss of rewards feats·w + l2·|w|², by L-BFGS."""
+    w = torch.zeros(feats.shape[1], dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = _probe_loss(loss, feats @ w, aux)[0] / n + l2 * (w ** 2).sum()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return w.detach()
 
 
 def probe_head(task: PreferenceTask, model, rt, *, max_examples: int, micro: int, seed: int,
@@ -212,48 +233,52 @@ def probe_head(task: PreferenceTask, model, rt, *, max_examples: int, micro: int
     A fresh random head beside a pretrained trunk learns slowly at the trunk's learning rate, and
     its first gradients push the trunk's features towards a random direction (Kumar et al. 2022,
     "Fine-Tuning can Distort Pretrained Features"). Instead: pool the frozen trunk's features of
-    up to ``max_examples`` training pairs or lists (one forward each), fit w by L-BFGS on the
-    stage's own loss (Bradley–Terry with margins and soft labels, ranked pairs or Plackett–Luce,
-    centering) with an L2 penalty chosen on a held-out fifth of them, refit on all, and write
-    w / σ into the head (features are standardised for the fit). Returns what it did.
+    up to ``max_examples`` training pairs or lists (one forward each), standardise them, fit w by
+    L-BFGS on the stage's own loss (Bradley–Terry with margins and soft labels, ranked pairs or
+    Plackett–Luce, centering up to a constant offset) plus l2·|w|², with l2 chosen by
+    ``PROBE_FOLDS``-fold cross-validated loss, refit on all and write w / σ into the head.
+    Returns what it did, with the cross-validated accuracy: an honest estimate of what the
+    frozen features know before any fine-tuning.
     """
     t0 = time.perf_counter()
     n = task.num_examples("train")
     gen = torch.Generator().manual_seed(seed * 7_919 + 1)
-    chosen = torch.randperm(n, generator=gen)[:max_examples].tolist()
-    cut = max(1, len(chosen) // 5) if len(chosen) >= 10 else 0
-    val_idx, fit_idx = chosen[:cut], chosen[cut:]
+    picked = torch.randperm(n, generator=gen)[:max_examples].tolist()
     was_training = model.training
     model.eval()
-    fit_b, val_b = _probe_batches(task, fit_idx, micro, rt), _probe_batches(task, val_idx, micro, rt)
+    units = _probe_units(task, picked, micro, rt)
     model.train(was_training)
-    rows = torch.cat([f for f, _ in fit_b + val_b])
+    rows = torch.cat([f for f, _ in units])
     mu, sd = rows.mean(0), rows.std(0).clamp(min=1e-6)
+    units = [((f - mu) / sd, aux) for f, aux in units]
     loss = RewardModelLoss(None, ranked_loss=task.ranked_loss, center_rewards=task.center_rewards)
-    scores = {}
-    if val_b:
-        val_units = sum(_units(aux) for _, aux in val_b)
-        for l2 in PROBE_L2:
-            w = _fit_probe(fit_b, loss, l2, mu, sd)
+    folds = PROBE_FOLDS if len(units) >= 2 * PROBE_FOLDS else 0
+    cv: dict[float, tuple[float, float]] = {}
+    for l2 in PROBE_L2 if folds else ():
+        total_loss = total_acc = 0.0
+        for k in range(folds):
+            train_u = [u for i, u in enumerate(units) if i % folds != k]
+            val_u = [u for i, u in enumerate(units) if i % folds == k]
+            w = _fit_probe(*_stack(train_u), len(train_u), loss, l2)
+            feats, aux = _stack(val_u)
             with torch.no_grad():
-                parts = [_probe_loss(loss, ((f - mu) / sd) @ w, aux) for f, aux in val_b]
-            scores[l2] = (sum(p[0] for p in parts).item() / val_units,
-                          sum(p[1] for p in parts).item() / val_units)
-        l2 = min(scores, key=lambda k: scores[k][0])
-    else:
-        l2 = PROBE_L2[len(PROBE_L2) // 2]
-    w = _fit_probe(fit_b + val_b, loss, l2, mu, sd) / sd  # back to the raw features' scale
+                lsum, asum = _probe_loss(loss, feats @ w, aux)
+            total_loss, total_acc = total_loss + lsum.item(), total_acc + asum.item()
+        cv[l2] = (total_loss / len(units), total_acc / len(units))
+    l2 = min(cv, key=lambda k: cv[k][0]) if cv else 0.1
+    w = _fit_probe(*_stack(units), len(units), loss, l2) / sd  # back to the raw features' scale
     from alignkit.models.heads import head_linears
     with torch.no_grad():
         for linear in head_linears(model):
             linear.weight.copy_(w.to(linear.weight.dtype).reshape(linear.weight.shape))
-    info = {"examples": len(chosen), "l2": l2, "seconds": round(time.perf_counter() - t0, 1)}
-    if l2 in scores:
-        info |= {"val_loss": round(scores[l2][0], 4), "val_accuracy": round(scores[l2][1], 4)}
+    info = {"examples": len(units), "l2": l2, "seconds": round(time.perf_counter() - t0, 1)}
+    if cv:
+        info |= {"cv_loss": round(cv[l2][0], 4), "cv_accuracy": round(cv[l2][1], 4),
+                 "cv": {f"{k:g}": [round(v[0], 4), round(v[1], 4)] for k, v in cv.items()}}
     log("head initialised by a linear probe of the frozen trunk on "
         f"{info['examples']} training examples (L2 {l2:g}"
-        + (f"; held-out fifth: accuracy {info['val_accuracy']:.3f}, loss {info['val_loss']:.3f}"
-           if "val_loss" in info else "") + f") in {info['seconds']:.0f} s")
+        + (f"; {folds}-fold cross-validated accuracy {info['cv_accuracy']:.3f}, "
+           f"loss {info['cv_loss']:.4f}" if cv else "") + f") in {info['seconds']:.0f} s")
     return info
 
 

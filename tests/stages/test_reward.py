@@ -252,12 +252,13 @@ def test_probe_head_starts_from_the_best_linear_head_of_the_frozen_trunk(tmp_pat
 
 
 def test_probe_minimises_the_stage_loss_on_the_frozen_features(tmp_path):
-    # The probe's w is a minimiser of mean BT loss + l2·|w|² on the standardised features: the
-    # gradient there is ~0, and any perturbation raises the objective.
+    # The probe's w minimises mean BT loss + l2·|w|² over the units' features: the gradient
+    # there is ~0, and any perturbation raises the objective. Stacking units back into one
+    # batch reproduces the collated batch's rows.
     from alignkit.data.preference import tokenize_preferences, load_preferences
-    from alignkit.stages.reward import (PreferenceTask, RewardModelLoss, _fit_probe,
-                                        _probe_batches, _probe_loss)
     from alignkit.engine.device import Runtime
+    from alignkit.stages.reward import (PreferenceTask, RewardModelLoss, _fit_probe,
+                                        _probe_loss, _probe_units, _stack)
     path = write_jsonl(tmp_path / "d.jsonl", pair_records(24))
     torch.manual_seed(0)
     rm, tok = load_reward_model(ModelConfig(name_or_path="tiny"))
@@ -266,16 +267,19 @@ def test_probe_minimises_the_stage_loss_on_the_frozen_features(tmp_path):
                                   truncation="truncate_left")
     task = PreferenceTask(rm, enc, [], tok.pad_token_id, ranked_loss="pairs",
                           center_rewards=0.0)
-    batches = _probe_batches(task, list(range(24)), 8, Runtime(torch.device("cpu"), None))
-    rows = torch.cat([f for f, _ in batches])
-    mu, sd = rows.mean(0), rows.std(0).clamp(min=1e-6)
+    units = _probe_units(task, list(range(24)), 8, Runtime(torch.device("cpu"), None))
+    feats, aux = _stack(units)
+    b = task.collate(list(range(24)), "train")
+    with torch.no_grad():
+        direct = reward_scores(rm, b.inputs["input_ids"], b.inputs["attention_mask"])
+    head = rm.score.weight.detach().float().squeeze(0)
+    torch.testing.assert_close(feats @ head, direct, atol=1e-4, rtol=1e-4)
     loss = RewardModelLoss(None)
 
     def objective(w):
-        return (sum(_probe_loss(loss, ((f - mu) / sd) @ w, aux)[0] for f, aux in batches) / 24
-                + 0.01 * (w ** 2).sum())
+        return _probe_loss(loss, feats @ w, aux)[0] / 24 + 0.01 * (w ** 2).sum()
 
-    w = _fit_probe(batches, loss, 0.01, mu, sd).requires_grad_(True)
+    w = _fit_probe(feats, aux, 24, loss, 0.01).requires_grad_(True)
     value = objective(w)
     (grad,) = torch.autograd.grad(value, w)
     assert grad.abs().max() < 1e-3

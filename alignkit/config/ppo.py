@@ -80,6 +80,12 @@ class PPOConfig(_Strict):
     target_kl: float | None = Field(None, gt=0)  # stop a rollout's updates past this approx KL
     # critic (ppo): auto = from the reward model when there is one (InstructGPT), else the policy
     critic_init: Literal["auto", "reward", "policy"] = "auto"
+    # Peak learning rates of the critic's trunk (null: train.lr) and of its value head. The head
+    # is new (critic_init policy) or must move from reward scale to return scale (critic_init
+    # reward); at a policy's 1e-6 it would barely change in a run, and the critic's explained
+    # variance would stay negative. Under Adam a head weight moves about value_head_lr per step.
+    critic_lr: float | None = Field(None, gt=0)
+    value_head_lr: float | None = Field(1e-4, gt=0)
     # reference: auto = adapters disabled with LoRA, else a frozen copy
     reference: Literal["auto", "copy", "adapters"] = "auto"
     sample_every: int = Field(10, ge=0)  # rollouts between samples.jsonl entries; 0 = never

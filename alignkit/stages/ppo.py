@@ -356,6 +356,22 @@ def _critic(cfg: PPOConfig, policy, tokenizer, rt):
     return critic
 
 
+def critic_lr_groups(critic, cfg: PPOConfig) -> list:
+    """(parameters, peak lr) of the critic's trunk and value head where they differ from
+    train.lr (:func:`alignkit.engine.loop.build_optimizer`)."""
+    if critic is None:
+        return []
+    from alignkit.models.heads import split_reward_model
+    head = list(split_reward_model(critic)[1].parameters())
+    ids = {id(p) for p in head}
+    groups = []
+    if cfg.critic_lr is not None:
+        groups.append(([p for p in critic.parameters() if id(p) not in ids], cfg.critic_lr))
+    if cfg.value_head_lr is not None:
+        groups.append((head, cfg.value_head_lr))
+    return groups
+
+
 def run(cfg: PPOConfig, *, overwrite: bool = False, log=print) -> Path:
     """Train the policy with PPO / RLOO / GRPO and save it; returns the run folder. Reruns
     resume."""
@@ -396,7 +412,8 @@ def run(cfg: PPOConfig, *, overwrite: bool = False, log=print) -> Path:
         train = train.model_copy(update={"max_steps": rollouts * task.per_rollout})
     ck = checkpoint.latest_good(st.run_dir.path / "checkpoints", quiet=True)
     task.resume(ck.step if ck is not None else 0)
-    result = fit(task, ac, train, st.rt, output=st.run_dir.path, log=st.log)
+    result = fit(task, ac, train, st.rt, output=st.run_dir.path, log=st.log,
+                 lr_groups=critic_lr_groups(critic, cfg))
     if critic is not None and dist.is_main():
         from alignkit.models.heads import save_reward_model
         save_reward_model(critic, copy.deepcopy(tokenizer), st.run_dir.path / "critic")

@@ -361,3 +361,24 @@ def test_reward_model_retokenises_text_like_its_own_ids():
     scorer.same_vocab = False
     again = scorer([prompt, prompt], comps, texts, [True, False], 2)
     assert torch.equal(direct, again) and direct[0] != direct[1]
+
+
+def test_critic_trunk_and_value_head_train_at_their_own_learning_rates():
+    from alignkit.config import build_config
+    from alignkit.models.heads import reward_model_from_lm
+    from alignkit.models.tiny import tiny_model
+    from alignkit.stages.ppo import critic_lr_groups
+    critic = reward_model_from_lm(tiny_model(seed=0))
+    head = {id(p) for p in critic.score.parameters()}
+    over = {"reward_fn": "tests.stages.test_ppo:letter_a", "train.lr": 1e-6}
+    groups = critic_lr_groups(critic, build_config(PPOConfig, overrides=over | {
+        "critic_lr": 1e-5, "value_head_lr": 1e-3}))
+    (trunk, trunk_lr), (head_params, head_lr) = groups
+    assert (trunk_lr, head_lr) == (1e-5, 1e-3)
+    assert {id(p) for p in head_params} == head
+    assert {id(p) for p in trunk} | head == {id(p) for p in critic.parameters()}
+    assert not {id(p) for p in trunk} & head
+    # Defaults: the trunk at train.lr (no group), the head at value_head_lr; no critic, none.
+    default = critic_lr_groups(critic, build_config(PPOConfig, overrides=over))
+    assert [lr for _, lr in default] == [PPOConfig().value_head_lr]
+    assert critic_lr_groups(None, build_config(PPOConfig, overrides=over)) == []

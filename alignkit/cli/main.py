@@ -141,6 +141,7 @@ from alignkit.cli import reward as _reward  # noqa: E402,F401
 from alignkit.cli import ppo as _ppo  # noqa: E402,F401
 from alignkit.cli import analyze as _analyze  # noqa: E402,F401
 from alignkit.cli import report as _report  # noqa: E402,F401
+from alignkit.cli import evaluate as _evaluate  # noqa: E402,F401
 from alignkit.cli import compare as _compare  # noqa: E402,F401
 
 

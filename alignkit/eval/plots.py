@@ -162,6 +162,32 @@ def plot_reward_kl(points: list[dict], path: Path, *, title: str) -> Path | None
     return save_figure(fig, path)
 
 
+def plot_win_rates(win_rates: dict, path: Path, *, title: str) -> Path | None:
+    """Bars: each model's mean win rate against the others, one group per judging method
+    (``win_rates[method]["mean"]``: model → rate, as ``alignkit compare`` writes). A dashed line
+    marks 50 %. None without rates."""
+    methods = [(m, w["mean"]) for m, w in win_rates.items()
+               if any(v is not None for v in w.get("mean", {}).values())]
+    if not methods:
+        return None
+    plt = pyplot()
+    models = list(methods[0][1])
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(models) * len(methods)), 3.8))
+    width = 0.8 / len(methods)
+    for k, (method, means) in enumerate(methods):
+        xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(models))]
+        ax.bar(xs, [means.get(m) or 0.0 for m in models], width=width,
+               label=method.replace("_", " "))
+    ax.axhline(0.5, linestyle="--", color="grey", linewidth=1)
+    ax.set_xticks(list(range(len(models))), models)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean win rate vs the others")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def run_stage(run_dir: Path) -> str | None:
     """The stage a run folder was written by (its config.yaml's ``stage``), or None."""
     import yaml

@@ -4,7 +4,9 @@ A run folder is either one stage's folder (it holds ``config.yaml``) or a folder
 folders (a pipeline). Per stage the report shows: whether it finished, its headline figures from
 ``DONE`` (last training metrics, held-out metrics, throughput, peak memory, wall time), its
 curves (:mod:`alignkit.eval.plots`), its data report and its exact config. Folders written by
-``alignkit analyze`` (``analysis.json``) are included with their tables and plots.
+``alignkit analyze`` (``analysis.json``), ``alignkit compare`` (``compare.json``: the side-by-side
+table and win-rate bars) and ``alignkit eval`` (``eval.json``: the alignment-tax table) are
+included; two or more eval results with a KL and a reward score add the reward–KL frontier.
 
 The HTML inlines every image as a base64 ``data:`` URI, so the one file can be mailed or
 archived; the markdown links the PNGs next to it. Both are written through temporary files.
@@ -39,8 +41,11 @@ HEADLINES = {
 HEADLINES["pretrain"] = HEADLINES["sft"]
 
 
+SECTION_FILES = ("config.yaml", "analysis.json", "compare.json", "eval.json")
+
+
 def _is_section(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() or (folder / "analysis.json").is_file()
+    return any((folder / name).is_file() for name in SECTION_FILES)
 
 
 def find_stage_dirs(run: Path, depth: int = 2) -> list[Path]:
@@ -68,8 +73,29 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _output_section(folder: Path, kind: str, plots_dir: Path) -> dict:
+    """A folder written by ``alignkit compare`` or ``alignkit eval``: its markdown table(s),
+    and for a comparison the win-rate bars."""
+    data = _load_json(folder / f"{kind}.json") or {}
+    md = folder / f"{kind}.md"
+    images = {}
+    if kind == "compare":
+        from alignkit.eval.plots import plot_win_rates
+        bars = plot_win_rates(data.get("win_rates") or {}, plots_dir / folder.name /
+                              "win_rates.png", title=f"{folder.name}: win rates")
+        if bars:
+            images["win_rates"] = str(bars)
+    return {"name": folder.name, "kind": kind, "path": str(folder),
+            "markdown": md.read_text(encoding="utf-8") if md.is_file() else "",
+            "images": images, "data": data}
+
+
 def stage_section(folder: Path, plots_dir: Path) -> dict:
     """Everything the report shows of one folder, as plain data (also the ``--json`` output)."""
+    if not (folder / "config.yaml").is_file():
+        for kind in ("compare", "eval"):
+            if (folder / f"{kind}.json").is_file():
+                return _output_section(folder, kind, plots_dir)
     if (folder / "analysis.json").is_file() and not (folder / "config.yaml").is_file():
         images = {p.stem: p for p in sorted(folder.glob("*.png"))}
         name = folder.name if folder.parent == folder else f"{folder.parent.name}/{folder.name}"
@@ -109,6 +135,30 @@ def stage_section(folder: Path, plots_dir: Path) -> dict:
             "data_report": data_report}
 
 
+def reward_kl_section(sections: list[dict], plots_dir: Path) -> dict | None:
+    """The reward–KL frontier across ``alignkit eval`` results that carry both a KL and a
+    reward-model score (one point per policy: e.g. a sweep of β or a run's checkpoints)."""
+    from alignkit.eval.plots import plot_reward_kl
+    points = []
+    for s in sections:
+        if s["kind"] != "eval":
+            continue
+        d = s["data"]
+        reward = ((d.get("models") or {}).get("policy") or {}).get("reward") or {}
+        kl = (d.get("kl") or {}).get("mean")
+        if kl is not None and reward.get("mean") is not None:
+            points.append({"kl": kl, "score": reward["mean"], "label": s["name"]})
+    if len(points) < 2:
+        return None
+    points.sort(key=lambda p: p["kl"])
+    path = plot_reward_kl(points, plots_dir / "reward_kl_frontier.png",
+                          title="reward–KL frontier: mean reward-model score vs KL(policy‖ref)")
+    rows = "\n".join(f"| {p['label']} | {p['kl']:.3f} | {p['score']:.3f} |" for p in points)
+    return {"name": "reward–KL frontier", "kind": "frontier", "path": str(plots_dir),
+            "markdown": "| policy | KL (nats/answer) | mean score |\n| --- | --- | --- |\n" + rows,
+            "images": {"reward_kl": str(path)}}
+
+
 def _img_html(path: str, alt: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return (f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" '
@@ -131,7 +181,7 @@ def render_html(title: str, sections: list[dict]) -> str:
     for i, s in enumerate(sections):
         parts.append(f"<h2 id='s{i}'>{html.escape(s['name'])}"
                      f" — {html.escape(s.get('stage', s['kind']))}</h2>")
-        if s["kind"] == "analysis":
+        if s["kind"] in ("analysis", "compare", "eval", "frontier"):
             parts.append(f"<pre>{html.escape(s['markdown'])}</pre>")
         else:
             if not s["finished"]:
@@ -181,7 +231,7 @@ def render_markdown(title: str, sections: list[dict], base: Path) -> str:
     lines = [f"# {title}", ""]
     for s in sections:
         lines += [f"## {s['name']} — {s.get('stage', s['kind'])}", ""]
-        if s["kind"] == "analysis":
+        if s["kind"] in ("analysis", "compare", "eval", "frontier"):
             lines += [demote_headings(s["markdown"].strip()), ""]
         else:
             if not s["finished"]:
@@ -216,6 +266,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     plots_dir = out / "plots"
     sections = [stage_section(d, plots_dir) for d in sections_dirs]
+    frontier = reward_kl_section(sections, plots_dir)
+    if frontier:
+        sections.append(frontier)
     title = f"alignkit report: {run.resolve().name}"
     html_path, md_path = out / "report.html", out / "report.md"
     _write(html_path, render_html(title, sections))

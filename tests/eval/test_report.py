@@ -152,3 +152,28 @@ def test_report_opens_in_a_headless_browser_with_every_image_decoded(runs, tmp_p
     subprocess.run(common + [f"--screenshot={shot}", "--window-size=1200,2400", html.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.read_bytes().startswith(PNG) and shot.stat().st_size > 20_000
+
+
+def test_compare_and_eval_outputs_join_the_report_with_win_rates_and_the_frontier(tmp_path):
+    from alignkit.eval.compare import build_result, write_outputs
+    from alignkit.models.tiny import tiny_tokenizer
+    root = tmp_path / "pipeline"
+    answers = {"base": ["No.", "I can't help with that."], "dpo": ["Sure: 1. a 2. b", "Yes."]}
+    result = build_result(["p1", "p2"], answers, tokenizer=tiny_tokenizer(),
+                          rm_scores={"base": [0.1, 0.2], "dpo": [0.5, 0.0]})
+    write_outputs(result, root / "compare")
+    for name, kl, score in (("eval-beta0.1", 2.0, 0.4), ("eval-beta0.5", 0.5, 0.2)):
+        (root / name).mkdir(parents=True)
+        (root / name / "eval.json").write_text(json.dumps(
+            {"kl": {"mean": kl}, "models": {"policy": {"reward": {"mean": score}}}}))
+        (root / name / "eval.md").write_text(f"# Alignment tax\n\n| KL | {kl} |\n")
+    out = write_report(root)
+    kinds = [(s["name"], s["kind"]) for s in out["sections"]]
+    assert kinds == [("compare", "compare"), ("eval-beta0.1", "eval"), ("eval-beta0.5", "eval"),
+                     ("reward–KL frontier", "frontier")]
+    assert list(out["sections"][0]["images"]) == ["win_rates"]
+    frontier = out["sections"][-1]
+    assert "| eval-beta0.5 | 0.500 | 0.200 |" in frontier["markdown"]
+    html = Path(out["html"]).read_text(encoding="utf-8")
+    assert len(_images(html)) == 2 and "Alignment tax" in html
+    assert "### Alignment tax" in Path(out["markdown"]).read_text(encoding="utf-8")

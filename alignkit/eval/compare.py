@@ -36,7 +36,6 @@ import gc
 import html
 import json
 import math
-import os
 import re
 import shutil
 import textwrap
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from alignkit.errors import InputError
+from alignkit.io import atomic_write_text
 from alignkit.eval.text import text_features, token_count
 from alignkit.models.endpoint import Endpoint, ModelSource
 
@@ -772,16 +772,6 @@ def render_html(result: CompareResult) -> str:
     return "\n".join(parts)
 
 
-def _write(path: Path, text: str) -> None:
-    """Through a temporary sibling renamed into place: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(result: CompareResult, out_dir: str | Path) -> dict[str, Path]:
     """``compare.json``, ``compare.md`` and ``compare.html`` in ``out_dir`` (created)."""
     out = Path(out_dir)
@@ -790,7 +780,7 @@ def write_outputs(result: CompareResult, out_dir: str | Path) -> dict[str, Path]
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "compare.json", "markdown": out / "compare.md",
              "html": out / "compare.html"}
-    _write(paths["json"], to_json(result) + "\n")
-    _write(paths["markdown"], render_markdown(result))
-    _write(paths["html"], render_html(result))
+    atomic_write_text(paths["json"], to_json(result) + "\n")
+    atomic_write_text(paths["markdown"], render_markdown(result))
+    atomic_write_text(paths["html"], render_html(result))
     return paths

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from alignkit.engine.metrics import read_metrics
+from alignkit.io import atomic_path
 
 # (title, [(metric key, label)]) panels per stage; a panel whose keys are all absent is skipped.
 PANELS: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {
@@ -70,12 +70,10 @@ def pyplot():
 def save_figure(fig, path: Path) -> Path:
     """Write ``fig`` as PNG through a temporary file renamed into place; close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
-        tmp.unlink(missing_ok=True)
         pyplot().close(fig)
     return path
 

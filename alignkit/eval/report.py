@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from alignkit.errors import InputError
+from alignkit.io import atomic_write_text
 from alignkit.eval.plots import plot_run, run_stage
 
 # Headline figures per stage: (key in DONE's "train" or "eval" record, label).
@@ -243,15 +244,6 @@ def render_markdown(title: str, sections: list[dict], base: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     """Write ``report.html`` and ``report.md`` (and the plots) for ``run_dir`` into ``out_dir``
     (default: ``run_dir``). Returns the paths and the sections' data."""
@@ -271,6 +263,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
         sections.append(frontier)
     title = f"alignkit report: {run.resolve().name}"
     html_path, md_path = out / "report.html", out / "report.md"
-    _write(html_path, render_html(title, sections))
-    _write(md_path, render_markdown(title, sections, out))
+    atomic_write_text(html_path, render_html(title, sections))
+    atomic_write_text(md_path, render_markdown(title, sections, out))
     return {"html": str(html_path), "markdown": str(md_path), "sections": sections}

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import InputError
+from alignkit.io import atomic_write_text
 from alignkit.eval.text import REFUSAL_PATTERNS, is_refusal, matched, word_count
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
@@ -607,15 +608,6 @@ def write_outputs(result: dict, out_dir: str | os.PathLike) -> dict[str, str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "markdown": out / "eval.md"}
-    _atomic_write(paths["json"], json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(paths["markdown"], render_markdown(result))
+    atomic_write_text(paths["json"], json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(paths["markdown"], render_markdown(result))
     return {k: str(v) for k, v in paths.items()}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -143,6 +143,8 @@ from alignkit.cli import analyze as _analyze  # noqa: E402,F401
 from alignkit.cli import report as _report  # noqa: E402,F401
 from alignkit.cli import evaluate as _evaluate  # noqa: E402,F401
 from alignkit.cli import compare as _compare  # noqa: E402,F401
+from alignkit.cli import cai as _cai  # noqa: E402,F401
+from alignkit.cli import serve as _serve  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,8 +40,8 @@ import torch
 from alignkit.errors import InputError
 from alignkit.io import atomic_write_text
 from alignkit.eval.text import REFUSAL_PATTERNS, is_refusal, matched, word_count
+from alignkit.assets import PROMPTS_DIR
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
 HARMFUL_V1 = PROMPTS_DIR / "harmful_v1.jsonl"
 BENIGN_V1 = PROMPTS_DIR / "benign_sensitive_v1.jsonl"
 RESULT_VERSION = 1  # of the eval.json layout

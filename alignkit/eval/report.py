@@ -111,9 +111,10 @@ def stage_section(folder: Path, plots_dir: Path) -> dict:
     if done:
         train, evals = done.get("train") or {}, done.get("eval") or {}
         for key, label in HEADLINES.get(stage, []):
-            value = evals.get(key, train.get(key))
-            if value is not None:
-                figures.append((label, _fmt(value)))
+            if key in evals:
+                figures.append((label, _fmt(evals[key])))
+            elif key in train:  # one logging window, not the whole run: say so
+                figures.append((f"{label} (last logged step)", _fmt(train[key])))
         for key, label in (("examples_per_s", "examples/s"), ("tokens_per_s", "tokens/s")):
             value = (done.get("throughput") or {}).get(key)
             if value:

@@ -346,8 +346,15 @@ def _critic(cfg: PPOConfig, policy, tokenizer, rt):
     if init == "auto":
         init = "reward" if cfg.reward_model is not None else "policy"
     if init == "policy":
-        from alignkit.models.heads import reward_model_from_lm
-        return reward_model_from_lm(copy.deepcopy(policy)).to(rt.device)
+        from alignkit.models.heads import head_linears, reward_model_from_lm
+        critic = reward_model_from_lm(copy.deepcopy(policy))
+        # A value head drawn at reward-model scale predicts values of O(1) for returns that are
+        # often O(0.01) (explained variance −8 to −25 on the embedded model): start it at zero,
+        # so the first values are 0 and the head grows towards the returns' scale.
+        with torch.no_grad():
+            for linear in head_linears(critic):
+                linear.weight.zero_()
+        return critic.to(rt.device)
     critic, rm_tok = _load_reward_model(cfg, rt)
     if rm_tok.get_vocab() != tokenizer.get_vocab():
         raise AlignkitError("critic_init reward needs a reward model with the policy's "

@@ -382,3 +382,14 @@ def test_critic_trunk_and_value_head_train_at_their_own_learning_rates():
     default = critic_lr_groups(critic, build_config(PPOConfig, overrides=over))
     assert [lr for _, lr in default] == [PPOConfig().value_head_lr]
     assert critic_lr_groups(None, build_config(PPOConfig, overrides=over)) == []
+
+
+def test_a_critic_from_the_policy_starts_with_a_zero_value_head():
+    from alignkit.config import build_config
+    from alignkit.engine.device import Runtime
+    from alignkit.models.tiny import tiny_model, tiny_tokenizer
+    from alignkit.stages.ppo import _critic
+    cfg = build_config(PPOConfig, overrides={"reward_fn": "tests.stages.test_ppo:letter_a"})
+    critic = _critic(cfg, tiny_model(seed=0), tiny_tokenizer(), Runtime(torch.device("cpu"), None))
+    assert torch.count_nonzero(critic.score.weight) == 0
+    assert any(torch.count_nonzero(p) for p in critic.model.parameters())  # the trunk is kept

@@ -50,6 +50,13 @@ def evaluate(
         batch_size: int = typer.Option(8, help="Prompts or examples per forward."),
         seed: int = typer.Option(0, help="Sampling seed (the KL's answers)."),
         precision: str = typer.Option("auto", help="auto, bf16 or fp32."),
+        refusal_judge: Optional[str] = typer.Option(
+            None, help="Decide refusals with a judge model (a model spec as for `compare`: "
+                       "local, hub, run folder or http(s)://HOST/v1#MODEL) asked whether each "
+                       "answer refuses, in both label orders, instead of the documented "
+                       "patterns."),
+        api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding "
+                                        "an endpoint judge's API key (never written)."),
         output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o",
                                                   help="Write eval.json (every answer "
                                                        "included) and eval.md here."),
@@ -60,12 +67,20 @@ def evaluate(
     for the reference and the policy side by side."""
     from alignkit.eval import tax
 
+    judge = None
+    if refusal_judge is not None:
+        from alignkit.eval.compare import load_judge
+        from alignkit.models.endpoint import parse_model_spec
+        name, source = parse_model_spec(refusal_judge, api_key_env=api_key_env,
+                                        field="refusal_judge")
+        judge = tax.model_refusal_judge(load_judge(name, source, template=template))
     result = tax.alignment_tax(
         model, reference, harmful=harmful or tax.HARMFUL_V1, benign=benign or tax.BENIGN_V1,
         heldout=heldout, reward_model=reward_model, preferences=preferences, beta=beta,
         template=template, max_new_tokens=max_new_tokens, kl_samples=kl_samples, seed=seed,
         max_prompts=max_prompts, max_examples=max_examples, batch_size=batch_size,
-        precision=precision, log=lambda message: print(message, file=sys.stderr))
+        precision=precision, judge=judge,
+        log=lambda message: print(message, file=sys.stderr))
     paths = tax.write_outputs(result, output_dir) if output_dir is not None else None
     if as_json:
         print(json.dumps(result | ({"outputs": paths} if paths else {}), indent=2,

@@ -336,3 +336,40 @@ def test_eval_cli_bad_prompts_file_is_one_line(tmp_path, capsys):
         main(["eval", "--model", "tiny", "--reference", "tiny", "--template", "chatml"])
     assert e.value.code == 2
     assert "field 'template': unknown value 'chatml'" in capsys.readouterr().err
+
+
+class _OptionJudge:
+    """prob_a from a rule on the question text: a stand-in for a judge with known outputs."""
+
+    def __init__(self, rule):
+        self.rule, self.asked = rule, []
+
+    def prob_a(self, questions):
+        self.asked += questions
+        return [self.rule(q) for q in questions]
+
+
+def test_model_refusal_judge_asks_both_orders_and_cancels_position_bias():
+    from alignkit.eval.tax import model_refusal_judge
+    always_a = _OptionJudge(lambda q: 1.0)
+    assert model_refusal_judge(always_a)("How?", "No.") is False  # ½·(1 + 0) = ½: not > ½
+    assert len(always_a.asked) == 2 and "(A) It refuses" in always_a.asked[0]
+    assert "(A) It tries to help" in always_a.asked[1]
+    # A judge that reads the answer: P(refuses) = 0.9 in either label order.
+    def reads(q):
+        refuses = "can't help" in q
+        a_is_refusal = "(A) It refuses" in q
+        return 0.9 if refuses == a_is_refusal else 0.1
+    judge = model_refusal_judge(_OptionJudge(reads))
+    assert judge("Hack it", "Sorry, I can't help with that.") is True
+    assert judge("Bake it", "Preheat the oven to 180 °C.") is False
+
+
+def test_eval_cli_refusal_judge_spec_errors_are_one_line(capsys):
+    from alignkit.cli.main import main
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", "tiny", "--reference", "tiny", "--refusal-judge",
+              "http://127.0.0.1:9/v1", "--max-prompts", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "refusal_judge" in err

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -473,15 +472,11 @@ def score_file(*, model: str, data: str, output: str, template: str = "auto",
     with rt.autocast():
         scores = score(rm, tokenizer, [(p, r) for _, p, r in items], template=template,
                        max_length=max_length, batch_size=batch_size)
+    from alignkit.io import atomic_path
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for (record, _, _), s in zip(items, scores):
-                f.write(json.dumps({**record, SCORE_KEY: s}, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for (record, _, _), s in zip(items, scores):
+            f.write(json.dumps({**record, SCORE_KEY: s}, ensure_ascii=False) + "\n")
     log(f"scored {len(scores)} records → {out}")
     return out

@@ -18,7 +18,6 @@ from alignkit.models.endpoint import Endpoint
 from alignkit.models.tiny import tiny_model, tiny_tokenizer
 from tests.models.test_endpoint import StubServer, completion
 
-torch.set_num_threads(1)
 CPU = Runtime(torch.device("cpu"), None)
 
 REFUSAL = "I can't help with that request."

@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from alignkit.config import DPOConfig, SFTConfig, build_config
 from alignkit.errors import InputError
@@ -41,7 +40,6 @@ def runs(tmp_path_factory) -> Path:
               "data.eval_fraction": 0.25, "train.eval_every": 3, "train.num_threads": 1}
     mp = pytest.MonkeyPatch()
     mp.setenv("ALIGNKIT_CACHE", str(root / "cache"))
-    before = torch.get_num_threads()
     try:
         sft.run(build_config(SFTConfig, overrides=common | {
             "data.path": str(sft_data), "output": str(root / "runs" / "1-sft"),
@@ -50,7 +48,6 @@ def runs(tmp_path_factory) -> Path:
             "data.path": str(pairs), "output": str(root / "runs" / "2-dpo"),
             "train.lr": 2e-3, "beta": 0.5}), log=lambda *_: None)
     finally:
-        torch.set_num_threads(before)
         mp.undo()
     return root / "runs"
 

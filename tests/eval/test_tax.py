@@ -14,7 +14,6 @@ import torch
 from alignkit.errors import InputError
 from alignkit.eval import tax
 
-torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------------------------

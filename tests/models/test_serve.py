@@ -19,7 +19,6 @@ from alignkit.models.endpoint import Endpoint, EndpointError
 from alignkit.models.serve import ServeLimits, make_server
 from alignkit.models.tiny import tiny_model, tiny_tokenizer
 
-torch.set_num_threads(1)
 CPU = Runtime(torch.device("cpu"), None)
 KEY_VAR = "ALIGNKIT_TEST_SERVE_KEY"
 SECRET = "sk-serve-test-0123456789"

@@ -33,15 +33,6 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As run() does with train.num_threads=1: a tiny model's ops only spin with more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

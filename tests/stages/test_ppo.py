@@ -36,14 +36,6 @@ def wrong_length(prompts, responses):
 NOT_CALLABLE = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def prompts_file(tmp_path) -> Path:
     path = tmp_path / "prompts.jsonl"

@@ -39,8 +39,9 @@ from pathlib import Path
 from alignkit.stages.cai.backends import ChoiceJudge, Generator, Log
 from alignkit.stages.cai.constitution import Constitution, Principle, sample_principles
 from alignkit.stages.cai.revise import (RecordLog, derived_seed, fingerprint, prepare_output,
-                                 run_chunks, write_jsonl, write_text)
+                                        run_chunks, write_jsonl)
 from alignkit.errors import InputError
+from alignkit.io import atomic_write_text as write_text
 
 
 def choice_question(prompt: str, answer_a: str, answer_b: str, principle: Principle) -> str:

@@ -43,6 +43,7 @@ from alignkit.stages.cai.backends import Generator, Log
 from alignkit.stages.cai.constitution import (Constitution, Example, Principle,
                                               sample_principles)
 from alignkit.errors import InputError
+from alignkit.io import atomic_write_text as write_text
 from alignkit.assets import PROMPTS_DIR
 
 DEFAULT_PROMPTS = (PROMPTS_DIR / "red_team_v1.jsonl", PROMPTS_DIR / "helpful_v1.jsonl")
@@ -218,17 +219,6 @@ class RecordLog:
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """All of ``rows`` or nothing: a temporary sibling renamed into place."""
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Through a temporary sibling and ``os.replace``: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def prepare_output(out_dir: Path, names: Sequence[str], overwrite: bool) -> None:

@@ -24,7 +24,6 @@ from alignkit.models.serve import ServeLimits, make_server
 from alignkit.models.tiny import tiny_model, tiny_tokenizer
 from tests.stages.cai import FakeGenerator, ScriptedLM, sigmoid
 
-torch.set_num_threads(1)
 CPU = Runtime(torch.device("cpu"), None)
 
 KIND = Principle("kind", "c", "r", "Choose the kinder response.")

@@ -20,7 +20,6 @@ from alignkit.eval.tax import PromptItem
 from alignkit.models.endpoint import Endpoint, EndpointError
 from tests.stages.cai import FakeGenerator
 
-torch.set_num_threads(1)
 CPU = Runtime(torch.device("cpu"), None)
 
 KIND = Principle("kind", "Is the reply unkind?", "Make it kind.")

@@ -173,6 +173,9 @@ class DPOConfig(_Strict):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "robust", "ipo", "hinge", "simpo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    # Soft labels in the data (``label`` = P(chosen ≻ rejected), e.g. from `alignkit cai
+    # feedback`): use = the sigmoid loss's target per pair; ignore = treat every pair as certain.
+    soft_labels: Literal["use", "ignore"] = "use"
     simpo_gamma: float = 0.5
     # Ranked lists: expand into pairs, or the Plackett-Luce DPO objective (DPO paper, A.3).
     ranked_loss: Literal["pairs", "plackett_luce"] = "pairs"

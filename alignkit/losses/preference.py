@@ -95,7 +95,8 @@ def dpo_loss(policy_chosen_logps: Logps, policy_rejected_logps: Logps,
              ref_chosen_logps: Logps | None, ref_rejected_logps: Logps | None, *,
              beta: float = 0.1, loss_type: DPOLossType = "sigmoid", label_smoothing: float = 0.0,
              gamma: float = 0.0, chosen_lengths: Tensor | float | None = None,
-             rejected_lengths: Tensor | float | None = None) -> DPOLoss:
+             rejected_lengths: Tensor | float | None = None,
+             labels: Tensor | None = None) -> DPOLoss:
     """Direct preference losses on one batch of pairs, unreduced.
 
     With h = (π_c − ref_c) − (π_r − ref_r) (sequence log-probs) and ε = ``label_smoothing``:
@@ -113,8 +114,14 @@ def dpo_loss(policy_chosen_logps: Logps, policy_rejected_logps: Logps,
       token counts, > 0, not checked on the device), γ = ``gamma`` (the target reward margin,
       taken directly, not as γ/β). The ref log-probs are ignored and may be None.
 
+    ``labels`` (sigmoid only): soft labels p = P(chosen ≻ rejected) per pair, e.g. an AI
+    judge's order-averaged preference (RLAIF). The loss is then the cross-entropy against the
+    smoothed label p' = p·(1−ε) + (1−p)·ε: −p'·log σ(βh) − (1−p')·log σ(−βh), so p = 1 is the
+    hard-label loss above and p = 0.5 pulls h toward 0. Values in [0, 1] are not checked on
+    the device.
+
     ``label_smoothing`` is rejected for ipo/hinge/simpo, ``gamma`` and the lengths for all but
-    simpo, rather than silently ignored. Rewards are β·(π − ref), detached; for simpo β·π/|y|.
+    simpo, ``labels`` for all but sigmoid, rather than silently ignored. Rewards are β·(π − ref), detached; for simpo β·π/|y|.
     Python floats are accepted (see the module docstring for dtypes).
 
     Shapes: the four logps (B,) or scalars; lengths (B,) or scalars → DPOLoss of (B,).
@@ -122,6 +129,8 @@ def dpo_loss(policy_chosen_logps: Logps, policy_rejected_logps: Logps,
     _check_dpo_args(loss_type, beta, label_smoothing, gamma,
                     ref_chosen_logps is not None and ref_rejected_logps is not None,
                     (chosen_lengths is not None, rejected_lengths is not None))
+    if labels is not None and loss_type != "sigmoid":
+        raise ValueError(f"soft labels apply to the sigmoid loss only, not {loss_type!r}")
     if loss_type == "simpo":
         return _simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths,
                            rejected_lengths, beta=beta, gamma=gamma)
@@ -131,6 +140,9 @@ def dpo_loss(policy_chosen_logps: Logps, policy_rejected_logps: Logps,
     rejected_logratios = pr - rr.detach()  # (B,)
     z = beta * (chosen_logratios - rejected_logratios)  # βh
     eps = label_smoothing
+    if labels is not None:  # the weight of the "rejected is better" term, per pair
+        p = labels.to(z.dtype)
+        eps = 1 - (p * (1 - label_smoothing) + (1 - p) * label_smoothing)  # (B,)
     match loss_type:
         case "sigmoid":
             losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)

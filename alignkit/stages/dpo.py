@@ -25,7 +25,9 @@ What we do differently from the paper's code and from TRL:
 - The LM head and the fp32 log-softmax run only on completion tokens (never on the prompt or
   padding), through :func:`alignkit.models.logps.sequence_logps`.
 - Chosen and rejected go through one forward of 2B rows, not two.
-- Soft labels and margins in the data are not used (reward modelling uses them).
+- Soft labels in the data (``label`` = P(chosen ≻ rejected), as `alignkit cai feedback`
+  writes them) are the sigmoid loss's per-pair targets (``soft_labels: use``, the default; see
+  :func:`alignkit.losses.preference.dpo_loss`); margins are not used (reward modelling uses them).
 - For Plackett–Luce lists, ``rewards/chosen`` is the best response's reward and
   ``rewards/rejected`` the mean over the others; ``rewards/accuracies`` is the fraction of the
   list's pairs in the right order.
@@ -64,9 +66,10 @@ class PreferenceRows:
     rows, best first, and a batch is its lists' rows in order (:func:`collate_ranked`).
     """
 
-    def __init__(self, train: list, eval_: list, *, pad_id: int, ranked: bool) -> None:
+    def __init__(self, train: list, eval_: list, *, pad_id: int, ranked: bool,
+                 labels: bool = False) -> None:
         self.splits = {"train": train, "eval": eval_}
-        self.pad_id, self.ranked = pad_id, ranked
+        self.pad_id, self.ranked, self.labels = pad_id, ranked, labels
         self.offsets = {s: self._offsets(items) for s, items in self.splits.items()}
 
     def _offsets(self, items: list) -> list[int]:
@@ -81,6 +84,12 @@ class PreferenceRows:
 
     def num_rows(self, split: str) -> int:
         return self.offsets[split][-1]
+
+    def example_length(self, i: int, split: str) -> int:
+        """Tokens in example i's longest row (its batch's padded width)."""
+        it = self.splits[split][i]
+        completions = it.completions if self.ranked else (it.chosen_ids, it.rejected_ids)
+        return len(it.prompt_ids) + max(map(len, completions))
 
     def fingerprint(self, split: str) -> str:
         from alignkit.data.preference import pair_fingerprint
@@ -97,7 +106,8 @@ class PreferenceRows:
             return {k: t[k] for k in _RANKED_KEYS}, torch.tensor(rows, dtype=torch.long)
         t = collate_pairs(items, pad_id=self.pad_id)
         rows = [off[i] for i in indices] + [off[i] + 1 for i in indices]
-        return {k: t[k] for k in _MODEL_KEYS}, torch.tensor(rows, dtype=torch.long)
+        keys = _MODEL_KEYS + ("label",) if self.labels else _MODEL_KEYS  # label: 1.0 where none
+        return {k: t[k] for k in keys}, torch.tensor(rows, dtype=torch.long)
 
 
 class DPOTask:
@@ -134,7 +144,7 @@ class PairDPOLoss(torch.nn.Module):
         self.model, self.cfg = model, cfg
         self.reference = reference  # a plain object, not a submodule: DDP must not touch it
 
-    def forward(self, input_ids, attention_mask, loss_mask, ref_logps=None):
+    def forward(self, input_ids, attention_mask, loss_mask, ref_logps=None, label=None):
         policy = sequence_logps(self.model, input_ids, attention_mask, loss_mask)
         b = input_ids.shape[0] // 2
         pc, pr = policy.logps[:b], policy.logps[b:]  # (B,), (B,)
@@ -147,7 +157,8 @@ class PairDPOLoss(torch.nn.Module):
                        label_smoothing=cfg.label_smoothing,
                        gamma=cfg.simpo_gamma if simpo else 0.0,
                        chosen_lengths=policy.n_tokens[:b] if simpo else None,
-                       rejected_lengths=policy.n_tokens[b:] if simpo else None)
+                       rejected_lengths=policy.n_tokens[b:] if simpo else None,
+                       labels=label)
         metrics = {k: v.sum() for k, v in preference_metrics(out).items()}
         metrics["logps/chosen"] = pc.detach().sum()
         metrics["logps/rejected"] = pr.detach().sum()
@@ -224,11 +235,20 @@ def preference_rows(cfg: DPOConfig, tokenizer, log) -> tuple[PreferenceRows, dic
     log(f"template: {template}; {load_rep.summary()}; {unit}: train {train_rep.summary()}; "
         f"eval {eval_rep.summary()}")
     labelled = sum(getattr(x, "label", None) is not None for x in items)
+    use_labels = bool(labelled) and cfg.soft_labels == "use"
+    if use_labels and (ranked or cfg.loss_type != "sigmoid"):
+        what = "ranked_loss plackett_luce" if ranked else f"loss_type {cfg.loss_type}"
+        raise AlignkitError(f"{data.path}: {labelled} pairs carry a soft label, which only the "
+                            f"sigmoid pair loss can use, not {what}; set soft_labels: ignore "
+                            "to treat every pair as certain")
     if labelled:
-        log(f"{labelled} records carry a soft label; DPO treats every pair as chosen ≻ rejected")
+        log(f"{labelled} pairs carry a soft label: " + (
+            "the loss targets P(chosen ≻ rejected) per pair" if use_labels
+            else "ignored (soft_labels: ignore), every pair is taken as chosen ≻ rejected"))
     report = {"path": data.path, "template": template, "units": unit, "load": asdict(load_rep),
               "train": asdict(train_rep), "eval": asdict(eval_rep)}
-    rows = PreferenceRows(train_enc, eval_enc, pad_id=tokenizer.pad_token_id, ranked=ranked)
+    rows = PreferenceRows(train_enc, eval_enc, pad_id=tokenizer.pad_token_id, ranked=ranked,
+                          labels=use_labels)
     return rows, report
 
 

@@ -82,6 +82,25 @@ def test_cdpo_label_smoothing_by_hand():
     assert half == pytest.approx(swapped.losses.item(), rel=1e-12)
 
 
+def test_soft_labels_by_hand():
+    # z = 0.75. p = 0.8: 0.8·softplus(−0.75) + 0.2·softplus(0.75) = 0.8·0.386871006… + 0.2·1.136871006…
+    #                    = 0.309496805… + 0.227374201… = 0.536871006…
+    pc, pr, rc, rr = (torch.tensor([v, v], dtype=torch.float64) for v in PAIR)
+    out = dpo_loss(pc, pr, rc, rr, beta=0.5, labels=torch.tensor([0.8, 1.0], dtype=torch.float64))
+    assert out.losses[0].item() == pytest.approx(0.8 * NLS_075 + 0.2 * NLS_M075, rel=1e-12)
+    assert out.losses[0].item() == pytest.approx(0.5368710061148999, rel=1e-12)
+    assert out.losses[1].item() == pytest.approx(NLS_075, rel=1e-12)  # p = 1: the hard label
+    # with smoothing ε = 0.1 on top: p' = 0.8·0.9 + 0.2·0.1 = 0.74
+    both = dpo_loss(*PAIR, beta=0.5, label_smoothing=0.1, labels=torch.tensor(0.8))
+    assert both.losses.item() == pytest.approx(0.74 * NLS_075 + 0.26 * NLS_M075, rel=1e-6)
+    # p = 0 is the pair read the other way round
+    flipped = dpo_loss(*PAIR, beta=0.5, labels=torch.tensor(0.0, dtype=torch.float64))
+    swapped = dpo_loss(PAIR[1], PAIR[0], PAIR[3], PAIR[2], beta=0.5)
+    assert flipped.losses.item() == pytest.approx(swapped.losses.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="sigmoid"):
+        dpo_loss(*PAIR, beta=0.5, loss_type="ipo", labels=torch.tensor(0.8))
+
+
 def test_robust_by_hand_and_equal_to_sigmoid_at_zero():
     # ε = 0.1: (0.9·0.386871006… − 0.1·1.136871006…) / 0.8 = (0.348183905… − 0.113687100…) / 0.8
     #        = 0.234496804… / 0.8 = 0.293121006…

@@ -223,6 +223,19 @@ def test_loss_settings_are_checked_before_anything_loads(data, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_soft_labels_are_the_targets(tmp_path):
+    """label 0.1 on every pair says rejected is better: the model learns to prefer it; with
+    soft_labels: ignore the same data trains the other way; a loss that cannot use them refuses."""
+    data = write(tmp_path / "soft.jsonl", [p | {"label": 0.1} for p in PAIRS])
+    use = train_metrics(dpo.run(cfg_for(data, tmp_path / "use"), **QUIET))
+    ignore = train_metrics(dpo.run(cfg_for(data, tmp_path / "ignore", soft_labels="ignore"),
+                                   **QUIET))
+    assert use[0]["loss"] == pytest.approx(LN2, abs=1e-6)  # h = 0: ln 2 whatever the label
+    assert use[-1]["rewards/margins"] < 0 < ignore[-1]["rewards/margins"]
+    with pytest.raises(AlignkitError, match="24 pairs carry a soft label.*loss_type ipo"):
+        dpo.run(cfg_for(data, tmp_path / "ipo", loss_type="ipo"), **QUIET)
+
+
 def test_ranked_lists_plackett_luce_and_pairs(tmp_path):
     ranked = write(tmp_path / "ranked.jsonl", RANKED)
     pl = dpo.run(cfg_for(ranked, tmp_path / "pl", ranked_loss="plackett_luce",

@@ -127,10 +127,12 @@ def generate(prompts: Optional[list[str]] = typer.Argument(None, help="Prompts (
 @app.command()
 def demo(output: str = typer.Option("runs/demo", "--output", "-o"),
          quick: bool = typer.Option(False, help="A tiny random model and a few steps (for tests)."),
-         max_steps: Optional[int] = typer.Option(None, help="SFT steps (default: one epoch)."),
+         max_steps: Optional[int] = typer.Option(None, help="SFT steps (default: 40, as in "
+                                                            "configs/demo.yaml)."),
          overwrite: bool = OverwriteOpt) -> None:
-    """The main job: SFT the embedded SmolLM2-135M on the shipped instruction set (lesson
-    [INST] format, bf16) and print its answers to the lesson's five lab prompts before and after."""
+    """The main job: the whole pipeline on the embedded SmolLM2-135M (SFT, reward model, DPO,
+    PPO, Constitutional AI, evaluation) and an HTML report with base / aligned answers side by
+    side (configs/demo.yaml; under 15 minutes on a 2-core CPU)."""
     from alignkit.cli.demo import run_demo
     run_demo(output=output, quick=quick, max_steps=max_steps, overwrite=overwrite)
 
@@ -145,6 +147,7 @@ from alignkit.cli import evaluate as _evaluate  # noqa: E402,F401
 from alignkit.cli import compare as _compare  # noqa: E402,F401
 from alignkit.cli import cai as _cai  # noqa: E402,F401
 from alignkit.cli import serve as _serve  # noqa: E402,F401
+from alignkit.cli import run as _run  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,10 +43,15 @@ HEADLINES["pretrain"] = HEADLINES["sft"]
 
 
 SECTION_FILES = ("config.yaml", "analysis.json", "compare.json", "eval.json")
+CAI_LOGS = ("revisions.jsonl", "feedback.jsonl")  # with summary.json: a `cai` output folder
+
+
+def _is_cai(folder: Path) -> bool:
+    return (folder / "summary.json").is_file() and any((folder / n).is_file() for n in CAI_LOGS)
 
 
 def _is_section(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in SECTION_FILES)
+    return any((folder / name).is_file() for name in SECTION_FILES) or _is_cai(folder)
 
 
 def find_stage_dirs(run: Path, depth: int = 2) -> list[Path]:
@@ -97,6 +102,8 @@ def stage_section(folder: Path, plots_dir: Path) -> dict:
         for kind in ("compare", "eval"):
             if (folder / f"{kind}.json").is_file():
                 return _output_section(folder, kind, plots_dir)
+    if _is_cai(folder) and not (folder / "config.yaml").is_file():
+        return _cai_section(folder)
     if (folder / "analysis.json").is_file() and not (folder / "config.yaml").is_file():
         images = {p.stem: p for p in sorted(folder.glob("*.png"))}
         name = folder.name if folder.parent == folder else f"{folder.parent.name}/{folder.name}"
@@ -135,6 +142,34 @@ def stage_section(folder: Path, plots_dir: Path) -> dict:
             "images": {k: str(v) for k, v in images.items()},
             "config": config.read_text(encoding="utf-8") if config.is_file() else "",
             "data_report": data_report}
+
+
+def _cai_section(folder: Path, shown: int = 3) -> dict:
+    """A ``cai revise`` / ``cai feedback`` folder: its counts and its first few records
+    (prompt, initial answer, critique, revision; or the two answers and the label)."""
+    summary = _load_json(folder / "summary.json") or {}
+    lines = [f"- prompts: {summary.get('prompts')}", f"- SFT examples: "
+             f"{summary.get('sft_examples', '—')}", f"- preference pairs: "
+             f"{summary.get('preference_pairs')}"]
+    log = next(folder / n for n in CAI_LOGS if (folder / n).is_file())
+    for raw in log.read_text(encoding="utf-8").splitlines()[:shown]:
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        flat = lambda text: " ".join(str(text).split())  # noqa: E731 (one list item each)
+        lines += ["", f"**{flat(rec.get('prompt', ''))}**", ""]
+        if "initial" in rec:
+            lines.append(f"- initial: {flat(rec['initial'])}")
+            for r in rec.get("rounds", []):
+                lines += [f"- critique ({r.get('principle')}): {flat(r.get('critique'))}",
+                          f"- revision: {flat(r.get('revision'))}"]
+        else:
+            lines += [f"- answer {i + 1}: {flat(a)}"
+                      for i, a in enumerate(rec.get("answers", []))]
+            lines.append(f"- P(answer 1 better): {rec.get('p_first_better')}")
+    return {"name": folder.name, "kind": "cai", "path": str(folder),
+            "markdown": "\n".join(lines), "images": {}}
 
 
 def reward_kl_section(sections: list[dict], plots_dir: Path) -> dict | None:
@@ -183,7 +218,7 @@ def render_html(title: str, sections: list[dict]) -> str:
     for i, s in enumerate(sections):
         parts.append(f"<h2 id='s{i}'>{html.escape(s['name'])}"
                      f" — {html.escape(s.get('stage', s['kind']))}</h2>")
-        if s["kind"] in ("analysis", "compare", "eval", "frontier"):
+        if s["kind"] in ("analysis", "compare", "eval", "frontier", "cai"):
             parts.append(f"<pre>{html.escape(s['markdown'])}</pre>")
         else:
             if not s["finished"]:
@@ -233,7 +268,7 @@ def render_markdown(title: str, sections: list[dict], base: Path) -> str:
     lines = [f"# {title}", ""]
     for s in sections:
         lines += [f"## {s['name']} — {s.get('stage', s['kind'])}", ""]
-        if s["kind"] in ("analysis", "compare", "eval", "frontier"):
+        if s["kind"] in ("analysis", "compare", "eval", "frontier", "cai"):
             lines += [demote_headings(s["markdown"].strip()), ""]
         else:
             if not s["finished"]:
@@ -245,13 +280,16 @@ def render_markdown(title: str, sections: list[dict], base: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *,
+                 stages: list[Path] | None = None) -> dict:
     """Write ``report.html`` and ``report.md`` (and the plots) for ``run_dir`` into ``out_dir``
-    (default: ``run_dir``). Returns the paths and the sections' data."""
+    (default: ``run_dir``). Returns the paths and the sections' data. ``stages``: the stage
+    folders in the order to show them (a pipeline's order), instead of searching ``run_dir``."""
     run = Path(run_dir)
     if not run.is_dir():
         raise InputError("not a run folder (no such directory)", path=str(run_dir))
-    sections_dirs = find_stage_dirs(run)
+    sections_dirs = (find_stage_dirs(run) if stages is None
+                     else [d for d in stages if _is_section(Path(d))])
     if not sections_dirs:
         raise InputError("no stage found: expected config.yaml (a stage's run folder), "
                          "analysis.json, or subfolders holding them", path=str(run_dir))

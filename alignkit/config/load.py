@@ -19,22 +19,62 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputError("config file not found", path=str(p))
+    raw = p.read_bytes()
     try:
-        text = p.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"not UTF-8 (byte {e.start})", path=str(p)) from None
+        raise InputError(f"not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8",
+                         path=str(p), line=raw.count(b"\n", 0, e.start) + 1) from None
+    data = safe_load_yaml(text, str(p))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError("a config file must be a mapping of keys to values", path=str(p))
+    return data
+
+
+# A config or pipeline file is a few hundred values. Aliases can make a small file stand for
+# billions of them ("billion laughs"): PyYAML shares the repeated nodes, but anything that
+# walks the result (validation, an error message, a dump) expands them.
+MAX_YAML_VALUES = 100_000
+
+
+def safe_load_yaml(text: str, path: str) -> Any:
+    """``yaml.safe_load`` (plain data only: no tags that build Python objects), with one-line
+    errors for bad YAML, nesting deep enough to exhaust the stack, and alias bombs."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise InputError(f"invalid YAML: {problem}", path=str(p), line=line) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise InputError("a config file must be a mapping of keys to values", path=str(p))
+        raise InputError(f"invalid YAML: {problem}", path=path, line=line) from None
+    except RecursionError:
+        raise InputError("invalid YAML: nested too deeply", path=path) from None
+    try:
+        size = _expanded_size(data, {})
+    except RecursionError:  # an alias inside the node it names: a value that contains itself
+        raise InputError("the YAML refers to itself (an alias inside its own anchor)",
+                         path=path) from None
+    if size > MAX_YAML_VALUES:
+        raise InputError(f"the YAML expands to more than {MAX_YAML_VALUES:,} values (aliases "
+                         f"repeating aliases?); a config is far smaller", path=path)
     return data
+
+
+def _expanded_size(node: Any, seen: dict[int, int]) -> int:
+    """How many values ``node`` stands for with every alias expanded; each shared node is
+    counted once per use but visited once (memoised), so this stays linear in the file."""
+    if not isinstance(node, (dict, list)):
+        return 1
+    key = id(node)
+    if seen.get(key) == -1:  # still being counted: the node contains itself
+        raise RecursionError
+    if key not in seen:
+        seen[key] = -1
+        children = node.values() if isinstance(node, dict) else node
+        seen[key] = 1 + sum(_expanded_size(c, seen) for c in children)
+    return seen[key]
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

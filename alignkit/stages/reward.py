@@ -58,7 +58,8 @@ from alignkit.losses.reward import (bradley_terry_loss, centering_penalty, plack
 from alignkit.stages.common import begin, describe, end
 
 NO_DATA = ("reward modelling needs preference data: pass --data FILE (pairs with prompt/chosen/"
-           "rejected, HH-RLHF transcripts, or ranked lists); alignkit ships no preference set yet")
+           "rejected, HH-RLHF transcripts, or ranked lists), e.g. the demo set "
+           "alignkit/assets/data/preferences_demo.jsonl")
 SCORE_KEY = "score"
 
 _PAIR_KEYS = ("input_ids", "attention_mask", "margin", "label")

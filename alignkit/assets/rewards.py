@@ -12,14 +12,18 @@ import math
 import re
 
 POSITIVE = frozenset("""
-amazing appreciate awesome beautiful best brilliant calm cheerful clear delight delighted
-delightful enjoy enjoyed excellent fantastic fine friendly fun glad good grateful great happy
-helpful hope joy kind love lovely nice perfect pleasant pleased positive safe smile splendid
-success superb thank thanks thoughtful useful warm welcome wonderful yes
+amazing appreciate awesome beautiful best brilliant bright calm charming cheerful clean clear
+comfortable cosy cozy delicious delight delighted delightful enjoy enjoyable enjoyed exciting
+excellent fantastic favourite favorite fine fresh friendly fun gentle glad good gorgeous
+grateful great happy helpful hope inspiring joy kind love lovely magical memorable nice peaceful
+perfect pleasant pleased pleasure positive refreshing relaxing rewarding safe smile splendid
+success sunny superb sweet tasty thank thanks thoughtful useful warm welcome wonderful yes
 """.split())
 NEGATIVE = frozenset("""
-angry awful bad boring broken cruel dangerous disappointing disgusting dreadful fail failure
-hate horrible hurt no never poor sad stupid terrible ugly unhappy useless worse worst wrong
+angry annoying awful bad boring broken cruel dangerous depressing dirty disappointing
+disgusting dreadful dull exhausting fail failure frustrating gloomy hate horrible hurt lonely
+mediocre miserable no never noisy painful poor sad stressful stupid tedious terrible tired
+ugly uncomfortable unhappy unpleasant useless worse worst wrong
 """.split())
 _WORD = re.compile(r"[a-z']+")
 

@@ -11,14 +11,10 @@ from alignkit.errors import InputError
 
 def read_prompts(file: Path) -> list[str]:
     """.txt: one prompt per non-empty line; .jsonl: a 'prompt' (or 'instruction') field per line."""
-    from alignkit.data.sources import read_records
+    from alignkit.data.sources import read_records, read_text
     if file.suffix == ".txt":
-        if not file.is_file():
-            raise InputError("file not found", path=str(file))
-        try:
-            lines = file.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise InputError(f"not UTF-8 (byte {e.start})", path=str(file)) from None
+        # read_text: the line of a bad byte in errors, and a byte-order mark not in the prompt
+        lines = read_text(str(file)).splitlines()
         return [ln.strip() for ln in lines if ln.strip()]
     out = []
     for rec in read_records(str(file)):

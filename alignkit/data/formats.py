@@ -180,7 +180,9 @@ def _text(data: dict, key: str, *, path: str | None, line: int | None,
           field_name: str | None = None) -> str:
     """``data[key]`` as a non-blank string, else InputError naming the field."""
     field = field_name or key
-    if key not in data or data[key] is None:
+    if key in data and data[key] is None:
+        raise InputError("is null", path=path, line=line, field=field)
+    if key not in data:
         found = ", ".join(sorted(map(str, data))) or "none"
         raise InputError(f"missing (keys found: {found})", path=path, line=line, field=field)
     value = data[key]

@@ -297,6 +297,8 @@ def _no_blank(pairs: list[tuple[dict, str]], where: dict) -> None:
 
 
 def _present(data: dict, key: str, where: dict) -> object:
+    if key in data and data[key] is None:
+        raise InputError("is null", field=key, **where)
     if data.get(key) is None:
         found = ", ".join(sorted(map(str, data))) or "none"
         raise InputError(f"missing (keys found: {found})", field=key, **where)

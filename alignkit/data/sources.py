@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from alignkit.errors import InputError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# json's parser recurses once per nesting level: thousands of "[" exhaust the stack.
+_TOO_DEEP = "malformed JSON: nested too deeply (thousands of levels of arrays or objects)"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Record:
 def read_records(path: str, *, split: str = "train") -> list[Record]:
     """All records of ``path`` in order; raises InputError on anything unreadable or empty."""
     path = str(path)
+    if not path.strip():
+        raise InputError("the data path is empty", field="data.path")
     if glob.has_magic(path) and not path.startswith("hub:") and not os.path.exists(path):
         matches = sorted(m for m in glob.glob(path) if not os.path.isdir(m))
         if not matches:
@@ -94,6 +98,10 @@ def read_text(path: str) -> str:
         line = raw.count(b"\n", 0, e.start) + 1
         raise InputError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8",
                          path=path, line=line) from None
+    nul = text.find("\x00")
+    if nul >= 0:  # never in text: a UTF-16 file without its byte-order mark, or a binary file
+        raise InputError("holds a NUL byte: not a UTF-8 text file (UTF-16? binary?)", path=path,
+                         line=text.count("\n", 0, nul) + 1)
     return text[1:] if text.startswith("\ufeff") else text
 
 
@@ -108,8 +116,12 @@ def _read_jsonl(path: str) -> list[Record]:
         except json.JSONDecodeError as e:
             raise InputError(f"malformed JSON: {e.msg} (column {e.colno})",
                              path=path, line=n) from None
+        except RecursionError:
+            raise InputError(_TOO_DEEP, path=path, line=n) from None
         if not isinstance(value, dict):
             raise InputError(f"expected a JSON object, got {_json_type(value)}", path=path, line=n)
+        if "\\u" in line:
+            _check_text(value, path, n)
         records.append(Record(value, path, n))
     return records
 
@@ -123,6 +135,8 @@ def _read_json(path: str) -> list[Record]:
     except json.JSONDecodeError as e:
         raise InputError(f"malformed JSON: {e.msg} (column {e.colno})",
                          path=path, line=e.lineno) from None
+    except RecursionError:
+        raise InputError(_TOO_DEEP, path=path) from None
     if not isinstance(value, list):
         raise InputError(f"expected a JSON array of objects at the top level, got "
                          f"{_json_type(value)} (for one object per line use .jsonl)", path=path)
@@ -131,8 +145,36 @@ def _read_json(path: str) -> list[Record]:
         if not isinstance(item, dict):
             raise InputError(f"expected a JSON object, got {_json_type(item)}",
                              path=path, line=line)
+        if "\\u" in text:
+            _check_text(item, path, line)
         records.append(Record(item, path, line))
     return records
+
+
+def _check_text(value: object, path: str, line: int | None) -> None:
+    """JSON may escape half of a UTF-16 pair (``"\\ud800"``) alone: Python keeps it as a lone
+    surrogate, which is no text (tokenizers fail on it deep inside). Only called for lines
+    holding a ``\\u`` escape, so clean data pays nothing."""
+    try:
+        _check_surrogates(value, path, line)
+    except RecursionError:
+        raise InputError(_TOO_DEEP, path=path, line=line) from None
+
+
+def _check_surrogates(value: object, path: str, line: int | None, field: str = "") -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            code = ord(value[e.start])
+            raise InputError(f"holds an unpaired UTF-16 surrogate (\\u{code:04x}), which is "
+                             f"not text", path=path, line=line, field=field or None) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_surrogates(v, path, line, f"{field}.{k}" if field else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_surrogates(v, path, line, f"{field}[{i}]")
 
 
 def _array_item_lines(text: str) -> list[int]:

@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -344,6 +345,10 @@ def _load_errors(name: str):
     except (OSError, ValueError) as err:  # hub/network errors are OSError; bad files ValueError
         first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise InputError(f"cannot load the model: {first_line.strip()}", path=name) from err
+    except pickle.UnpicklingError:  # a .bin that is more than tensors: refused, never run
+        raise InputError("cannot load the model: its weights file (pickle) holds objects other "
+                         "than tensors, and loading them could run code; use a safetensors copy",
+                         path=name) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ class TokenTask:
 
 def _sft_examples(cfg: DataConfig, tokenizer, seed: int, log):
     from alignkit.data import load_sft, resolve_template, split_train_eval, tokenize_sft
-    path = cfg.path or str(DEMO_SFT_DATA)
+    # an empty path (a variable that did not expand) is an error, not the demo data
+    path = cfg.path if cfg.path is not None else str(DEMO_SFT_DATA)
     if cfg.path is None:
         log(f"no --data given: using the demo instruction set shipped with alignkit ({path})")
     template = resolve_template(cfg.template, tokenizer)
@@ -71,7 +72,8 @@ def _sft_examples(cfg: DataConfig, tokenizer, seed: int, log):
 
 def _pretrain_examples(cfg: DataConfig, tokenizer, seed: int, log):
     from alignkit.data import load_text, pack_documents, split_train_eval
-    path = cfg.path or str(DEMO_PRETRAIN_DATA)
+    # an empty path (a variable that did not expand) is an error, not the demo data
+    path = cfg.path if cfg.path is not None else str(DEMO_PRETRAIN_DATA)
     if cfg.path is None:
         log(f"no --data given: using the demo text shipped with alignkit ({path})")
     docs = load_text(path, max_examples=cfg.max_examples, split=cfg.split)

@@ -1,6 +1,7 @@
 """THE training loop. Every stage supplies a :class:`Task` (batches + a loss module); the engine
 owns ordering, accumulation, autocast, clipping, the schedule, checkpoints, logging and data
-parallelism.
+parallelism (``train.parallel``: DDP replicas, or FSDP2 shards with sharded checkpoints; see
+:mod:`alignkit.engine.dist` and :mod:`alignkit.engine.sharded`).
 
 Loss normalisation: a task's module returns the *sum* of its per-unit losses (units are loss
 tokens for SFT, pairs for DPO) and every batch states its unit ``count``. Each optimizer step
@@ -10,7 +11,6 @@ equal one rank with the same global batch.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,10 +20,10 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from alignkit.config.schema import TrainConfig
-from alignkit.engine import checkpoint, dist
+from alignkit.engine import checkpoint, dist, guards, sharded
 from alignkit.engine.device import Runtime
 from alignkit.engine.metrics import MetricsLog, Progress
-from alignkit.errors import AlignkitError, TrainingError
+from alignkit.errors import AlignkitError
 
 
 @dataclass
@@ -125,18 +125,19 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
 
+    net, lr_groups = _parallel(task, model, cfg, rt, lr_groups)
+    # After wrapping: FSDP replaces the parameters by their shards, which the optimizer steps.
     optimizer = build_optimizer(model, cfg, rt.device, lr_groups)
     ckpt_root = output / "checkpoints"
     start = 0
     ck = checkpoint.latest_good(ckpt_root, log=log)
     if ck is not None:
-        checkpoint.load(ck, model, optimizer)
+        _load(ck, model, optimizer)
         start = ck.step
         log(f"resuming from {ck.path} (step {start}/{total})")
     if start >= total:
         log("training already reached its last step")
 
-    net = dist.wrap_data_parallel(task.module(), rt.device)
     params = [p for p in model.parameters() if p.requires_grad]
     metrics = MetricsLog(output / "metrics.jsonl", enabled=dist.is_main(), resume_step=start)
     bar = Progress(total, enabled=cfg.progress and dist.is_main(), start_step=start)
@@ -152,7 +153,7 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
         ids = order.indices(step, rank, cfg.batch_size)
         batches = [task.collate(ids[i:i + micro], "train") for i in range(0, len(ids), micro)]
         loss_sum, metric_sums, grad_norm = _step(net, batches, params, cfg, rt, ws)
-        _guard(loss_sum, grad_norm, step + 1, ids, ckpt_root, rt)
+        _guard(loss_sum, grad_norm, step + 1, ids, ckpt_root, rt, model)
         for group in optimizer.param_groups:
             peak = group.get("base_lr", cfg.lr)
             group["lr"] = peak * lr_factor(step, total, warmup, cfg.schedule)
@@ -187,17 +188,51 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
                      throughput=throughput)
 
 
+def _parallel(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime,
+              lr_groups: Sequence[tuple[Sequence[torch.nn.Parameter], float]]):
+    """The module the loop calls (the task's loss module, as DDP or an FSDP root, or as it
+    is) and ``lr_groups`` with the parameters as the optimizer must see them."""
+    mode = dist.resolve_parallel(cfg.parallel)
+    if mode != "fsdp":
+        return dist.wrap_data_parallel(task.module(), rt.device,
+                                       reduce_dtype=cfg.reduce_dtype), lr_groups
+    dist.init_single(rt.device)  # FSDP needs a process group even for one process
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_name = {names[id(p)]: lr for ps, lr in lr_groups for p in ps}
+    gather_bf16 = cfg.fsdp_param_dtype == "bf16" and rt.autocast_dtype == torch.bfloat16
+    net = sharded.shard(task.module(), model,
+                        param_dtype=torch.bfloat16 if gather_bf16 else None,
+                        reduce_dtype=torch.bfloat16 if cfg.reduce_dtype == "bf16"
+                        else torch.float32, reshard_after_forward=cfg.reshard_after_forward)
+    # fully_shard made new (DTensor) parameter objects: find the special ones again by name.
+    now = dict(model.named_parameters())
+    groups = [([now[n] for n, v in by_name.items() if v == lr], lr)
+              for lr in sorted(set(by_name.values()))]
+    return net, groups
+
+
+def _load(ck: checkpoint.Checkpoint, model, optimizer) -> None:
+    if sharded.is_sharded(model) != sharded.is_sharded_checkpoint(ck.path):
+        kind = "sharded (fsdp)" if sharded.is_sharded_checkpoint(ck.path) else "unsharded"
+        raise AlignkitError(f"checkpoint {ck.path} is {kind}; resume it with the "
+                            f"train.parallel it was written with")
+    if sharded.is_sharded(model):
+        sharded.load(ck.path, model, optimizer)
+    else:
+        checkpoint.load(ck, model, optimizer)
+
+
 def _step(net, batches: list[Batch], params, cfg: TrainConfig, rt: Runtime, ws: int):
     """Forward/backward over the micro-batches of one optimizer step; returns detached sums."""
     # One all-reduce per step gives every rank the global unit count before any backward.
     count = dist.all_reduce_sum(torch.tensor(float(sum(b.count for b in batches))))
-    denom = max(count.item(), 1.0) / ws  # DDP averages gradients over ranks; undo that
+    # DDP and FSDP average gradients over ranks; multiplying by ws undoes that.
+    denom = max(count.item(), 1.0) / ws
     loss_total = torch.zeros((), device=rt.device)
     metric_sums: dict[str, torch.Tensor] = {}
     for i, b in enumerate(batches):
         sync = ws == 1 or i == len(batches) - 1
-        ctx = contextlib.nullcontext() if sync else net.no_sync()
-        with ctx:
+        with dist.gradient_sync(net, sync):
             inputs = {k: v.to(rt.device, non_blocking=True) for k, v in b.inputs.items()}
             with rt.autocast():
                 loss_sum, ms = net(**inputs)
@@ -209,23 +244,21 @@ def _step(net, batches: list[Batch], params, cfg: TrainConfig, rt: Runtime, ws: 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    return loss_total, metric_sums, grad_norm
+    return loss_total, metric_sums, dist.local_value(grad_norm)
 
 
-def _guard(loss_sum, grad_norm, step: int, ids: list[int], ckpt_root: Path, rt: Runtime) -> None:
-    """Stop on NaN/inf before the optimizer applies it. On the CPU the check costs nothing; on a
-    GPU it is one sync per step, the price of never training on garbage."""
-    bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-    bad = dist.all_reduce_sum(bad.float().reshape(1))
-    if bad.item() > 0:
-        good = checkpoint.latest_good(ckpt_root, quiet=True)
-        kept = f"last good checkpoint: {good.path}" if good else "no checkpoint was written yet"
-        what = "loss" if not torch.isfinite(loss_sum) else "gradient norm"
-        raise TrainingError(f"non-finite {what} at step {step} (examples {ids[:16]}); "
-                            f"the step was not applied; {kept}")
+def _guard(loss_sum, grad_norm, step: int, ids: list[int], ckpt_root: Path, rt: Runtime,
+           model=None) -> None:
+    """Stop on NaN/inf before the optimizer applies it (alignkit.engine.guards); one function
+    here so tests can hook the moment between backward and update."""
+    guards.check_step(loss_sum, grad_norm, step=step, ids=ids, ckpt_root=ckpt_root,
+                      params=model.named_parameters() if model is not None else ())
 
 
 def _save(root: Path, step: int, model, optimizer, cfg: TrainConfig) -> None:
+    if sharded.is_sharded(model):  # every rank writes its shard
+        sharded.save(root, step, model, optimizer, keep=cfg.keep_checkpoints)
+        return
     if dist.is_main():
         checkpoint.save(root, step, model, optimizer, {}, keep=cfg.keep_checkpoints)
     dist.barrier()

@@ -70,6 +70,8 @@ class RunDir:
     def save_model(self, model, tokenizer) -> None:
         """Save the final model into the run folder itself (so ``from_pretrained(output)`` loads it),
         staged in a temporary folder first; ``DONE`` is what makes the run complete."""
+        from alignkit.engine import sharded
+        model = sharded.gathered(model)  # FSDP: every rank sends its shards; rank 0 saves
         if not dist.is_main():
             return
         from alignkit.models.load import save_model

@@ -16,8 +16,15 @@ How it fits the engine (``alignkit.engine.loop.fit``):
 - Units are response tokens for all three algorithms: the engine divides the summed per-token
   loss by the global response-token count (for GRPO that is the length-unbiased reduction of
   Dr. GRPO rather than DeepSeekMath's per-sequence mean; see ``grpo_loss``).
-- Policy and critic live in one ``ActorCritic`` module, so the optimizer, checkpoints (and DDP,
-  later) see both; the reference and the reward model are outside it, frozen.
+- Policy and critic live in one ``ActorCritic`` module, so the optimizer, checkpoints and data
+  parallelism (DDP or FSDP) see both; the reference and the reward model are outside it, frozen,
+  one whole copy on every process.
+- Under torchrun each process rolls out its share of a rollout's prompts (``rollout.prompts``
+  and ``train.batch_size`` are per process, like every batch size), then the rows are gathered:
+  every process holds the whole rollout, score normalisation and advantage whitening run over
+  all of it, and each update's minibatch is one slice of a shuffle of the whole rollout. Two
+  processes therefore train exactly as one process with twice the prompts and batch (see
+  :func:`alignkit.stages.rollout.make_rollout` for the sampling seeds).
 - Exact resume: every rollout buffer is saved to ``<run>/rollouts/rollout-NNNNN.pt`` with its
   first step and the KL controller's β after it, and an early stop is recorded when it is
   decided; a resumed run reloads the buffer its checkpoint was in the middle of, so a
@@ -40,7 +47,6 @@ Where we depart from the papers and common implementations:
 - Early stop (``target_kl``): a minibatch whose mean approximate KL(π_old‖π) exceeds the target
   ends its rollout's updates; the next step starts a new rollout. It costs one host sync per
   micro-batch, and only when set.
-- One process only for now (several processes would need the rollout sharded over ranks).
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config.ppo import PPOConfig
-from alignkit.engine import checkpoint, dist
+from alignkit.engine import checkpoint, dist, guards, sharded
 from alignkit.engine.loop import Batch, fit
 from alignkit.errors import AlignkitError
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController
@@ -108,7 +114,7 @@ class PPOLoss(torch.nn.Module):
         metrics |= {"clip_frac": out.clipped.sum().float(), "approx_kl": approx_kl.sum(),
                     "entropy": ent.detach().sum(), "ratio": torch.where(resp, out.ratio, 0).sum()}
         if self.observe_kl is not None:
-            self.observe_kl(approx_kl.sum() / resp.sum().clamp(min=1))
+            self.observe_kl(approx_kl.sum(), resp.sum())
         return losses.sum(), metrics
 
 
@@ -122,10 +128,11 @@ class PPOTask:
     def __init__(self, models: Models, prompts: list[Prompt], cfg: PPOConfig, run: Path,
                  log) -> None:
         self.m, self.prompts, self.cfg, self.log = models, prompts, cfg, log
-        self.n_rows = cfg.rollout.prompts * cfg.group_k
+        self.ws, self.rank = dist.world_size(), dist.rank()
+        self.n_rows = cfg.rollout.prompts * cfg.group_k * self.ws  # the whole rollout's rows
         tc = cfg.train
         self.micro, self.accum = tc.batch_size // tc.grad_accum, tc.grad_accum
-        self.per_pass = self.n_rows // tc.batch_size  # updates per pass over the buffer
+        self.per_pass = self.n_rows // (tc.batch_size * self.ws)  # updates per pass over the buffer
         self.per_rollout = cfg.ppo_epochs * self.per_pass
         self.controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
                            if cfg.kl_target is not None else FixedKLController(cfg.kl_coef))
@@ -165,21 +172,25 @@ class PPOTask:
                 or (self.stop_after is not None and step > self.stop_after))
 
     def _rows(self, step: int) -> torch.Tensor:
-        """Rows of the update ``step``: pass p of the rollout is a seeded shuffle of the buffer."""
+        """This process's rows of the update ``step``: pass p of the rollout is a seeded shuffle
+        of the whole buffer cut into global minibatches, of which each process takes its slice."""
         pos = step - self.start
         p, j = divmod(pos, self.per_pass)
         seed = self.cfg.train.seed * 1_000_003 + self.index * 1_009 + p
         gen = torch.Generator().manual_seed(seed)
         perm = torch.randperm(self.n_rows, generator=gen)
         b = self.cfg.train.batch_size
-        return perm[j * b:(j + 1) * b]
+        minibatch = perm[j * b * self.ws:(j + 1) * b * self.ws]
+        return minibatch[self.rank * b:(self.rank + 1) * b]
 
     def _prompts_of(self, index: int) -> list[Prompt]:
-        """Rollout ``index`` takes the next ``rollout.prompts`` of a seeded order (a new
-        permutation of the prompt set per pass over it)."""
-        n, k = len(self.prompts), self.cfg.rollout.prompts
+        """This process's share of rollout ``index``: the rollout takes the next ``rollout.prompts``
+        × processes of a seeded order (a new permutation of the prompt set per pass over it),
+        and process r the r-th block of them."""
+        n, mine = len(self.prompts), self.cfg.rollout.prompts
+        k = mine * self.ws
         out = []
-        for q in range(index * k, (index + 1) * k):
+        for q in range(index * k + self.rank * mine, index * k + (self.rank + 1) * mine):
             epoch, i = divmod(q, n)
             gen = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + epoch)
             out.append(self.prompts[int(torch.randperm(n, generator=gen)[i])])
@@ -191,7 +202,12 @@ class PPOTask:
         index = self.index + 1
         beta = self.controller.beta
         seed = self.cfg.train.seed * 1_000_003 + index
-        res = make_rollout(self.m, self._prompts_of(index), beta=beta, seed=seed)
+        first_row = self.rank * self.cfg.rollout.prompts * self.cfg.group_k
+        # FSDP: the policy runs outside the training forward here, with its shards gathered.
+        res = sharded.call_unsharded(self.m.ac, make_rollout, self.m, self._prompts_of(index),
+                                     beta=beta, seed=seed, first_row=first_row)
+        guards.check_rollout(res.stats, res.samples, rollout=index, step=step,
+                             ckpt_root=self.run / "checkpoints", log=self.log)
         self.controller.update(res.stats["kl"], self.n_rows)
         self.buffer = {k: v for k, v in res.buffer.items()}
         self.index, self.start, self.stop_after = index, step, None
@@ -208,8 +224,12 @@ class PPOTask:
         self._save_buffer()
         self.t_last = time.perf_counter()
 
-    def _observe_kl(self, approx_kl: torch.Tensor) -> None:
+    def _observe_kl(self, kl_sum: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Early stop on the micro-batch's mean approximate KL over all processes (one
+        all-reduce), so every process decides alike."""
         step = (self.served - 1) // self.accum
+        both = dist.all_reduce_sum(torch.stack([kl_sum.detach().float(), tokens.float()]))
+        approx_kl = both[0] / both[1].clamp(min=1)
         if self.stop_after is None and approx_kl.item() > self.cfg.target_kl:  # host sync
             self.stop_after = step
             self.log(f"rollout {self.index}: approximate KL {approx_kl.item():.3g} > target_kl "
@@ -391,8 +411,6 @@ def run(cfg: PPOConfig, *, overwrite: bool = False, log=print) -> Path:
     st = begin(cfg, overwrite=overwrite, log=log)
     if st.done:
         return st.run_dir.path
-    if dist.world_size() > 1:
-        raise AlignkitError("ppo runs in one process for now (launch it without torchrun)")
     tokenizer = load_tokenizer(cfg.model)  # data and reward errors surface before the model loads
     prompts, report = load_prompts(cfg.data, tokenizer, st.log)
     reward = _reward(cfg, tokenizer, st.rt)
@@ -415,13 +433,16 @@ def run(cfg: PPOConfig, *, overwrite: bool = False, log=print) -> Path:
                    st.run_dir.path, st.log)
     train = cfg.train
     if train.max_steps is None:
-        rollouts = max(1, int(train.epochs * len(prompts)) // cfg.rollout.prompts)
+        rollouts = max(1, int(train.epochs * len(prompts))
+                       // (cfg.rollout.prompts * dist.world_size()))
         train = train.model_copy(update={"max_steps": rollouts * task.per_rollout})
     ck = checkpoint.latest_good(st.run_dir.path / "checkpoints", quiet=True)
     task.resume(ck.step if ck is not None else 0)
     result = fit(task, ac, train, st.rt, output=st.run_dir.path, log=st.log,
                  lr_groups=critic_lr_groups(critic, cfg))
-    if critic is not None and dist.is_main():
+    if critic is not None:
         from alignkit.models.heads import save_reward_model
-        save_reward_model(critic, copy.deepcopy(tokenizer), st.run_dir.path / "critic")
+        critic = sharded.gathered(critic)  # FSDP: every rank sends its shards to rank 0
+        if dist.is_main():
+            save_reward_model(critic, copy.deepcopy(tokenizer), st.run_dir.path / "critic")
     return end(st, policy, tokenizer, result)

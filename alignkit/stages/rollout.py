@@ -3,7 +3,8 @@
 One rollout (all under ``no_grad``, models in eval mode):
 
 1. sample ``group_size`` responses for each of its prompts with :func:`alignkit.models.generate.
-   generate` (KV cache, temperature / top-p, stops at EOS, seeded per rollout);
+   generate` (KV cache, temperature / top-p, stops at EOS), in chunks of ``rollout.batch_size``
+   rows each seeded from the rollout's seed and the chunk's place in the whole rollout;
 2. score each response: a reward model trained by ``alignkit reward`` (token ids reused when it
    shares the policy's vocabulary, else the text re-tokenised with its own tokenizer) or a Python
    function ``reward(prompts, responses) -> list[float]``; then the missing-EOS penalty,
@@ -16,6 +17,11 @@ One rollout (all under ``no_grad``, models in eval mode):
    (:func:`per_token_rewards`), then GAE and whitening; RLOO uses the sequence reward
    score − β·ΣKL with the leave-one-out baseline; GRPO the group-normalised score (its KL is in
    the loss).
+
+Under data parallelism each process samples, scores and evaluates its share (steps 1–3), then
+the rows of all processes are gathered and step 4 runs on the whole rollout on every process.
+Because a chunk's seed does not depend on which process draws it, two processes whose shares
+are whole chunks draw exactly the samples one process draws.
 
 Sequences are laid out prompt-major (a prompt's k samples contiguous), right padded; every
 per-token tensor is aligned on ``input_ids`` positions (value at t belongs to token t), and
@@ -357,25 +363,24 @@ class RolloutResult:
     samples: list[dict]  # a few (prompt, response, score) for samples.jsonl
 
 
-def make_rollout(ctx, prompts: list[Prompt], *, beta: float, seed: int) -> RolloutResult:
+def make_rollout(ctx, prompts: list[Prompt], *, beta: float, seed: int,
+                 first_row: int = 0) -> RolloutResult:
     """Generate, score, evaluate and compute advantages for ``prompts`` (each ``group_k`` times).
 
     ``ctx`` (:class:`Models`) holds the policy, reference, critic,
-    reward, tokenizer, runtime and config.
+    reward, tokenizer, runtime and config. Under data parallelism ``prompts`` is this process's
+    share and ``first_row`` the index of its first row in the whole rollout; the buffer, stats
+    and samples returned are the whole rollout's, the same on every process.
     """
-    from alignkit.models.generate import generate
-    cfg, rt = ctx.cfg, ctx.rt
-    k, ro = cfg.group_k, cfg.rollout
+    cfg = ctx.cfg
+    k = cfg.group_k
     group = [p for p in prompts for _ in range(k)]  # prompt-major
     t0 = time.perf_counter()
-    gens = generate(ctx.policy, ctx.tokenizer, [p.ids for p in group],
-                    max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
-                    batch_size=ro.batch_size, seed=seed, autocast_dtype=rt.autocast_dtype)
+    gens = _sample(ctx, group, seed, first_row)
     t_gen = time.perf_counter() - t0
     completions = [g.completion_ids for g in gens]
     finished = torch.tensor([g.finished for g in gens])
     raw = ctx.score(group, completions, [g.text for g in gens], finished.tolist())  # (R,)
-    scores = shape_scores(raw, finished, cfg)
     t_score = time.perf_counter() - t0 - t_gen
 
     ids, attn = right_pad([p.ids + c for p, c in zip(group, completions)], ctx.pad_id)
@@ -384,6 +389,11 @@ def make_rollout(ctx, prompts: list[Prompt], *, beta: float, seed: int) -> Rollo
         resp[i, len(p.ids):len(p.ids) + len(c)] = True
     buf = {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
     fwd = ctx.forward_all(buf)  # old_logps, ref_logps, old_values, entropy on the CPU
+    samples = [{"prompt": p.text, "response": g.text, "score": float(s), "finished": g.finished}
+               for p, g, s in zip(group, gens, raw.tolist())]
+    buf, fwd, raw, finished, samples = _gather(buf, fwd, raw, finished, samples, ctx.pad_id)
+    resp = buf["response_mask"]
+    scores = shape_scores(raw, finished, cfg)  # over the whole rollout
     buf |= {"old_logps": fwd["old_logps"], "ref_logps": fwd["ref_logps"]}
     kl = torch.where(resp, kl_estimate(fwd["old_logps"], fwd["ref_logps"], cfg.estimator), 0)
     seq_kl = kl.sum(-1)  # (R,)
@@ -412,9 +422,44 @@ def make_rollout(ctx, prompts: list[Prompt], *, beta: float, seed: int) -> Rollo
         case "grpo":
             buf["seq_advantages"] = grpo_advantages(scores, k)
             stats["total_reward"] = (scores - beta * seq_kl).mean().item()
-    samples = [{"prompt": p.text, "response": g.text, "score": float(s), "finished": g.finished}
-               for p, g, s in zip(group, gens, raw.tolist())]
     return RolloutResult(buf, stats, samples)
+
+
+def _sample(ctx, group: list[Prompt], seed: int, first_row: int):
+    """Generations for ``group`` (rows ``first_row``… of the whole rollout), one ``generate``
+    call per chunk of ``rollout.batch_size`` rollout rows, chunk c seeded from (seed, c)."""
+    from alignkit.models.generate import generate
+    ro, bs = ctx.cfg.rollout, ctx.cfg.rollout.batch_size
+    gens, i = [], 0
+    while i < len(group):
+        chunk = (first_row + i) // bs
+        j = min(len(group), (chunk + 1) * bs - first_row)
+        gens += generate(ctx.policy, ctx.tokenizer, [p.ids for p in group[i:j]],
+                         max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                         top_p=ro.top_p, batch_size=bs, seed=(seed * 1_000_003 + chunk) % 2**63,
+                         autocast_dtype=ctx.rt.autocast_dtype)
+        i = j
+    return gens
+
+
+def _gather(buf: dict, fwd: dict, raw: torch.Tensor, finished: torch.Tensor, samples: list,
+            pad_id: int):
+    """Every process's rows, in process order, right padded to the longest (one all-gather)."""
+    from alignkit.engine import dist
+    parts = dist.all_gather_objects((buf, fwd, raw, finished, samples))
+    if len(parts) == 1:
+        return buf, fwd, raw, finished, samples
+    width = max(b["input_ids"].shape[1] for b, *_ in parts)
+
+    def cat(tensors: list[torch.Tensor], value) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+                          for t in tensors])
+
+    buf = {k: cat([b[k] for b, *_ in parts], pad_id if k == "input_ids" else 0) for k in buf}
+    fwd = {k: cat([f[k] for _, f, *_ in parts], 0.0) for k in fwd}
+    raw = torch.cat([r for _, _, r, _, _ in parts])
+    finished = torch.cat([f for *_, f, _ in parts])
+    return buf, fwd, raw, finished, [s for *_, ss in parts for s in ss]
 
 
 def shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg) -> torch.Tensor:

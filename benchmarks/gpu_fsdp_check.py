@@ -7,7 +7,12 @@ utilisation and peak GPU memory as a table.
 
 Runs from a plain copy of the repository (no install): the repository goes on ``sys.path``.
 alignkit's engine needs pydantic and PyYAML besides torch and transformers; nothing else
-optional (gguf, datasets, trl) is imported on this path.
+optional (gguf, datasets, trl) is imported on this path. A GPU machine with no package index
+and no pydantic can take wheels fetched beforehand on a machine that has one, e.g.
+
+    pip download -d .whl --only-binary=:all: --python-version 3.12 \
+        --platform manylinux2014_x86_64 pydantic
+    pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 
 What runs is the stages' own code: ``TokenTask`` (SFT) and ``DPOTask`` with the precomputed
 reference (its tables computed by the stage's ``compute_tables``) trained by

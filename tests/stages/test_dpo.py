@@ -190,6 +190,17 @@ def test_precomputed_once_and_resume_is_bit_identical(data, tmp_path, monkeypatc
     assert [r["loss"] for r in train_metrics(whole)] == [r["loss"] for r in train_metrics(split)]
 
 
+def test_precompute_batches_train_by_length_and_eval_in_data_order():
+    """Training rows are precomputed longest first (less padding); eval rows in data order, the
+    batches evaluation itself runs: under bf16 a row's log-prob depends on its batch's shape
+    (SmolLM2-135M: the step-0 eval margin was 0.0011 instead of 0 with eval sorted too)."""
+    from alignkit.data.preference import EncodedPair
+    pairs = [EncodedPair([1] * n, [2] * (n % 3 + 1), [3]) for n in (2, 9, 4, 9, 1)]
+    rows = dpo.PreferenceRows(pairs, pairs, pad_id=0, ranked=False)
+    assert ref_mod._length_order(rows, "train") == [1, 3, 2, 0, 4]  # ties keep data order
+    assert ref_mod._length_order(rows, "eval") == [0, 1, 2, 3, 4]
+
+
 # ---------------------------------------------------------------------------------------------
 # Variants
 

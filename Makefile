@@ -37,5 +37,11 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest
 
+# alignkit and TRL side by side (benchmarks/README.md): its own environment, benchmarks/.venv-trl.
+# Needs the whole machine for real numbers; `make bench BENCH_ARGS=--quick` is a smoke run.
+bench:
+	bash benchmarks/setup_trl.sh
+	benchmarks/.venv-trl/bin/python benchmarks/compare_trl.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -196,7 +196,7 @@ def _arm_checkpoint(checkpoint, point: str, step: int) -> None:
 
         checkpoint.save_file = save_file
     elif point.startswith("checksum-"):
-        real, nth, n = checkpoint._sha256, int(point.split("-")[1]), [0]
+        real, nth, n = checkpoint.sha256_file, int(point.split("-")[1]), [0]
 
         def sha(path):
             n[0] += 1
@@ -204,7 +204,7 @@ def _arm_checkpoint(checkpoint, point: str, step: int) -> None:
                 _die(where)
             return real(path)
 
-        checkpoint._sha256 = sha
+        checkpoint.sha256_file = sha
     elif point == "before-rename":
         checkpoint._replace_dir = lambda tmp, final: _die(where)
     elif point == "after-rename":

@@ -47,7 +47,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (the manifest's checksums)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -89,7 +90,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
-        manifest = {"step": step, "files": {f: _sha256(tmp / f) for f in _FILES}}
+        manifest = {"step": step, "files": {f: sha256_file(tmp / f) for f in _FILES}}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
         for f in (*_FILES, "manifest.json"):
             with open(tmp / f, "rb") as fh:
@@ -164,7 +165,7 @@ def verify(path: Path) -> str | None:
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             return f"{name} is corrupted (checksum mismatch)"
     return None
 

@@ -33,7 +33,6 @@ such a folder offline, in one process.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.engine import dist
+from alignkit.engine import checkpoint, dist
 from alignkit.errors import AlignkitError
 
 # A sharded module (the trained model and each of its submodules) → its plain twin, whose
@@ -183,7 +182,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
         torch.save(rng, tmp / f"rng-{rank:05d}.pt")
         mine = [f.name for f in tmp.iterdir()
                 if f.name.startswith(f"__{rank}_") or f.name == f"rng-{rank:05d}.pt"]
-        digests = {name: _sha256(tmp / name) for name in mine}
+        digests = {name: checkpoint.sha256_file(tmp / name) for name in mine}
     except (OSError, RuntimeError) as e:
         raise AlignkitError(f"could not write sharded checkpoint {final}: "
                             f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
@@ -192,7 +191,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
         files = {k: v for d in everyone for k, v in d.items()}
         (tmp / "state.json").write_text(json.dumps({"step": step}))
         for name in (DCP_METADATA, "state.json"):
-            files[name] = _sha256(tmp / name)
+            files[name] = checkpoint.sha256_file(tmp / name)
         (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}))
         _fsync_all(tmp)
         if final.exists():
@@ -244,14 +243,6 @@ def export(path: Path, model: torch.nn.Module, tokenizer, out_dir: Path) -> Path
     model.load_state_dict(state)
     save_model(model, tokenizer, out_dir)
     return Path(out_dir)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_all(folder: Path) -> None:

@@ -339,9 +339,8 @@ def test_a_run_resumes_from_the_previous_good_checkpoint_and_ends_bit_identical(
         assert torch.equal(a, b)
 
 
-def test_a_full_disk_mid_run_stops_with_a_clear_error_and_the_rerun_resumes(tmp_path,
-                                                                           monkeypatch):
-    full, _ = _fit(tmp_path / "full", save_every=None)
+def _second_save_fills_the_disk(monkeypatch) -> None:
+    """The second checkpoint write of the run meets a full disk."""
     real, calls = checkpoint.save_file, []
 
     def second_save_fails(*a, **k):
@@ -351,6 +350,12 @@ def test_a_full_disk_mid_run_stops_with_a_clear_error_and_the_rerun_resumes(tmp_
         return real(*a, **k)
 
     monkeypatch.setattr(checkpoint, "save_file", second_save_fails)
+
+
+def test_a_full_disk_mid_run_stops_with_a_clear_error_and_the_rerun_resumes(tmp_path,
+                                                                           monkeypatch):
+    full, _ = _fit(tmp_path / "full", save_every=None)
+    _second_save_fills_the_disk(monkeypatch)
     with pytest.raises(AlignkitError) as e:
         _fit(tmp_path / "run")
     assert "step-000008" in str(e.value) and "step-000004 is intact" in str(e.value)
@@ -366,15 +371,7 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "response": f"{i}."}) + "\n"
                             for i in range(8)))
-    real, calls = checkpoint.save_file, []
-
-    def second_save_fails(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            _safetensors_full()
-        return real(*a, **k)
-
-    monkeypatch.setattr(checkpoint, "save_file", second_save_fails)
+    _second_save_fills_the_disk(monkeypatch)
     with pytest.raises(SystemExit) as e:
         main(["sft", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "o"),
               "--max-steps", "5", "--batch-size", "2", "--set", "train.save_every=2",

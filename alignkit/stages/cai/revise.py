@@ -17,9 +17,12 @@ revisions) may precede each request. The outputs:
 Where we depart from the paper: every request is one self-contained user turn (the exchange
 quoted as "User: … / Assistant: …"), not a growing dialogue, so any chat model or endpoint
 takes it and round r critiques only the latest revision. A revision that comes back empty
-counts as "no change" (the reply it was to revise stays current); a pair whose sides are equal
-or empty is left out of the preference set, and an empty final reply out of the SFT set (both
-counted in the summary), as alignkit's data loaders would refuse them.
+counts as "no change" (the reply it was to revise stays current). A critique or revision is
+cut where the model goes on with the prompt's pattern (a line starting "User:", "Revision
+request:", "###" …: :func:`cut_continuation`, what stop sequences would do in a chat API). A
+pair whose sides are equal or empty is left out of the preference set, and an empty final
+reply out of the SFT set (both counted in the summary), as alignkit's data loaders would
+refuse them.
 
 Resumption: prompts are processed in fixed chunks of ``batch_size`` (chunk k holds prompts
 k·B … k·B + B − 1 of the prompt list) with seeds derived from (seed, chunk, step), so a chunk
@@ -81,6 +84,29 @@ def _revision_block(prompt: str, response: str, principle: Principle, critique: 
     block = (f"{_critique_block(prompt, response, principle, critique)}\n\n"
              f"Revision request: {principle.revision}\n\nRevision:")
     return block if revision is None else f"{block} {revision}"
+
+
+# Where a critique or a revision ends: the model, having seen the few-shot blocks, often goes on
+# writing the next part of the pattern (a new "User:" turn, the revision request, a new example)
+# instead of stopping. Everything from the first such marker at the start of a line is cut.
+CONTINUATION_MARKERS = ("User:", "Assistant:", "Critique request:", "Critique:",
+                        "Revision request:", "Revision:", "###")
+
+
+def cut_continuation(text: str, label: str = "") -> str:
+    """``text`` up to the first line that starts one of :data:`CONTINUATION_MARKERS` (the
+    generator going on with the prompt's pattern), stripped. ``label`` (the request's own
+    heading, "Critique:" or "Revision:"), repeated at the very start, is dropped first; any
+    other marker on the first line leaves nothing (e.g. a "revision" that opens a new "User:"
+    turn)."""
+    text = text.strip()
+    if label and text.startswith(label):
+        text = text[len(label):]
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith(CONTINUATION_MARKERS):
+            return "\n".join(lines[:i]).strip()
+    return text.strip()
 
 
 def _assemble(task: str, examples: list[str], block: str) -> str:
@@ -293,9 +319,11 @@ def revise_chunk(generator: Generator, chunk: list, k: int, constitution: Consti
         asks = [critique_prompt(x, y, c, examples) for x, y, c in zip(prompts, current,
                                                                        principles)]
         critiques = generator.generate(asks, seed=derived_seed(settings.seed, k, f"critique-{r}"))
+        critiques = [cut_continuation(c, "Critique:") for c in critiques]
         asks = [revision_prompt(x, y, c, crit, examples)
                 for x, y, c, crit in zip(prompts, current, principles, critiques)]
         revisions = generator.generate(asks, seed=derived_seed(settings.seed, k, f"revision-{r}"))
+        revisions = [cut_continuation(v, "Revision:") for v in revisions]
         for i, rec in enumerate(records):
             rec["rounds"].append({"round": r, "principle": principles[i].name,
                                   "critique_request": principles[i].critique,
@@ -344,7 +372,8 @@ def run_revise(generator: Generator, items: list, constitution: Constitution,
     run_settings = {"command": "cai revise", "generator": generator.describe(),
                     "constitution": constitution.name,
                     "constitution_fingerprint": constitution.fingerprint(),
-                    **asdict(settings), "few_shot": few, "sampling": sampling or {}}
+                    **asdict(settings), "few_shot": few, "sampling": sampling or {},
+                    "cut_at": list(CONTINUATION_MARKERS)}
     out = Path(out_dir)
     prepare_output(out, REVISE_FILES, overwrite)
     run = fingerprint(run_settings)

@@ -101,6 +101,39 @@ def test_an_empty_revision_keeps_the_reply_it_was_to_revise():
     assert len(sft) == 1 and pairs == [] and left["unchanged"] == 1
 
 
+@pytest.mark.parametrize("text, label, expected", [
+    ("Fine as it is.", "Critique:", "Fine as it is."),
+    ("Critique: too vague.\nIt should say why.", "Critique:", "too vague.\nIt should say why."),
+    ("Too vague.\n\nRevision request: Rewrite it.\n\nRevision: ...", "Critique:", "Too vague."),
+    ("I can't help with that.\n\nUser: why not?\nAssistant: Because.", "Revision:",
+     "I can't help with that."),
+    ("  A reply.\n### Example 3\n\nUser: x", "Revision:", "A reply."),
+    ("User: I'm glad you asked.\nMore.", "Revision:", ""),  # a new turn from the first line
+    ("The user: is not a marker mid-line.", "Revision:", "The user: is not a marker mid-line."),
+])
+def test_generations_are_cut_where_the_model_goes_on_with_the_pattern(text, label, expected):
+    assert rv.cut_continuation(text, label) == expected
+
+
+def test_critiques_and_revisions_are_cut_before_use_and_a_cut_to_nothing_changes_nothing():
+    class Rambler(FakeGenerator):
+        def generate(self, prompts, *, seed):
+            out = super().generate(prompts, seed=seed)
+            n = len(self.calls)
+            if n == 2:  # critiques: go on into a revision request
+                return [f"{o}\n\nRevision request: more" for o in out]
+            if n == 3:  # revisions: a new user turn straight away
+                return ["User: and another thing"] * len(out)
+            return out
+
+    gen = Rambler()
+    rec = rv.revise_chunk(gen, _items(1), 0, RULES, rv.ReviseSettings(few_shot=0))[0]
+    critique = rec["rounds"][0]["critique"]
+    assert "Revision request" not in critique and critique
+    assert critique in gen.calls[2][0][0]  # the revision request quotes the cut critique
+    assert rec["rounds"][0]["revision"] == "" and rec["final"] == rec["initial"]
+
+
 # ------------------------------------------------------------------ resumption
 
 

@@ -96,6 +96,10 @@ class TrainConfig(_Strict):
     save_every: int | None = Field(None, gt=0)  # None: only the final model
     keep_checkpoints: int = Field(2, gt=0)
     num_threads: int | None = Field(None, gt=0)
+    # Batches of similar lengths (less padding, so fewer wasted FLOPs): each epoch's seeded
+    # shuffle is cut into chunks of 50 global batches, each sorted by length, and the batches
+    # are shuffled again. Changes which examples share a batch, not which are seen.
+    group_by_length: bool = False
     progress: bool = True
     # How the model is spread over the processes torchrun starts (docs/scaling.md):
     #   ddp   a replica per process, gradients all-reduced;

@@ -687,3 +687,11 @@ def _pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int,
     from alignkit.data.templates import Encoded
     examples = [Encoded(p + c, [False] * len(p) + [True] * len(c)) for p, c in rows]
     return collate(examples, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def item_length(item: EncodedPair | EncodedRanked) -> int:
+    """Tokens of an encoded pair's or list's longest row (prompt + its longest completion):
+    the width its rows are padded to; what ``train.group_by_length`` sorts by."""
+    completions = ((item.chosen_ids, item.rejected_ids) if isinstance(item, EncodedPair)
+                   else item.completions)
+    return len(item.prompt_ids) + max(map(len, completions))

@@ -35,6 +35,10 @@ class Batch:
 
 
 class Task(Protocol):
+    """What :func:`fit` trains on. A task may also define ``lengths(split) -> list[int]`` (the
+    token length of each example: what its batches are padded to), which
+    ``train.group_by_length`` needs."""
+
     def num_examples(self, split: str) -> int: ...
     def collate(self, indices: list[int], split: str) -> Batch: ...
     def module(self) -> torch.nn.Module:
@@ -92,10 +96,21 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 
 class _Order:
     """Which examples each rank takes at each step: a seeded permutation per epoch, cut into
-    global batches (the partial tail is dropped so every step has the same global batch)."""
+    global batches (the partial tail is dropped so every step has the same global batch).
 
-    def __init__(self, n: int, global_batch: int, seed: int) -> None:
+    With ``lengths`` (``train.group_by_length``) the permutation is regrouped so that a global
+    batch holds examples of similar length: chunks of 50 global batches of the shuffled order
+    are each sorted by length (longest first, stable), cut into global batches, and the full
+    batches shuffled again with the same generator; the one partial batch (the last chunk's
+    remainder) goes last, where the tail is dropped. A function of (seed, epoch) only, so a
+    resumed run takes the same batches."""
+
+    CHUNK = 50  # global batches per sorted chunk
+
+    def __init__(self, n: int, global_batch: int, seed: int,
+                 lengths: Sequence[int] | None = None) -> None:
         self.n, self.g, self.seed = n, global_batch, seed
+        self.lengths = None if lengths is None else list(lengths)
         self.steps_per_epoch = n // global_batch
         self._epoch, self._perm = -1, None
 
@@ -103,9 +118,22 @@ class _Order:
         epoch, pos = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).tolist()
+            perm = torch.randperm(self.n, generator=gen).tolist()
+            if self.lengths is not None:
+                perm = self._grouped(perm, gen)
+            self._epoch, self._perm = epoch, perm
         start = pos * self.g + rank * per_rank
         return self._perm[start:start + per_rank]
+
+    def _grouped(self, perm: list[int], gen: torch.Generator) -> list[int]:
+        size = self.CHUNK * self.g
+        full, partial = [], []
+        for c in range(0, len(perm), size):
+            chunk = sorted(perm[c:c + size], key=lambda i: -self.lengths[i])
+            for b in range(0, len(chunk), self.g):
+                (full if b + self.g <= len(chunk) else partial).append(chunk[b:b + self.g])
+        order = torch.randperm(len(full), generator=gen).tolist()
+        return [i for k in order for i in full[k]] + [i for batch in partial for i in batch]
 
 
 def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, output: Path,
@@ -118,7 +146,12 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
     ws, rank = dist.world_size(), dist.rank()
     micro = cfg.batch_size // cfg.grad_accum
     n = task.num_examples("train")
-    order = _Order(n, cfg.batch_size * ws, cfg.seed)
+    lengths = None
+    if cfg.group_by_length:
+        if not hasattr(task, "lengths"):
+            raise AlignkitError("train.group_by_length is not supported by this stage")
+        lengths = task.lengths("train")
+    order = _Order(n, cfg.batch_size * ws, cfg.seed, lengths)
     if order.steps_per_epoch == 0:
         raise AlignkitError(f"{n} training examples are fewer than one global batch "
                             f"({cfg.batch_size} × {ws} processes); lower --batch-size")

@@ -85,6 +85,10 @@ class PreferenceTask:
     def num_examples(self, split: str) -> int:
         return len(self.splits[split])
 
+    def lengths(self, split: str) -> list[int]:
+        from alignkit.data.preference import item_length
+        return [item_length(it) for it in self.splits[split]]
+
     def collate(self, indices: list[int], split: str) -> Batch:
         from alignkit.data.preference import EncodedPair, collate_pairs, collate_ranked
         items = [self.splits[split][i] for i in indices]

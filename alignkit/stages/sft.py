@@ -30,6 +30,9 @@ class TokenTask:
     def num_examples(self, split: str) -> int:
         return len(self.splits[split])
 
+    def lengths(self, split: str) -> list[int]:
+        return [len(ex.input_ids) for ex in self.splits[split]]
+
     def collate(self, indices: list[int], split: str) -> Batch:
         from alignkit.data.collate import collate
         examples = [self.splits[split][i] for i in indices]

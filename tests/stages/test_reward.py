@@ -286,3 +286,15 @@ def test_probe_minimises_the_stage_loss_on_the_frozen_features(tmp_path):
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
         assert objective(w.detach() + 0.05 * torch.randn(w.shape, generator=g)) > value
+
+
+def test_length_grouped_batches_train(tmp_path):
+    """Pairs and lists hand their padded widths to the engine (the order itself:
+    tests/engine/test_loop.py)."""
+    from alignkit.data.preference import EncodedPair, EncodedRanked, item_length
+    assert item_length(EncodedPair([1, 2, 3], [4], [5, 6, 7])) == 6
+    assert item_length(EncodedRanked([1], [[2], [3, 4, 5], [6, 7]])) == 4
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_records())
+    out = reward.run(cfg(data, tmp_path / "rm", **{"train.group_by_length": True,
+                                                   "train.max_steps": 4}), log=quiet)
+    assert len([r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]) == 4

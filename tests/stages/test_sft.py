@@ -53,6 +53,14 @@ def test_sft_loss_falls_and_model_loads(data, tmp_path):
     assert report["template"] == "inst" and report["train"]["kept"] == 36
 
 
+def test_length_grouped_batches_train(data, tmp_path):
+    """The stage hands its lengths to the engine (the order itself: tests/engine/test_loop.py)."""
+    out = sft.run(_cfg(data, tmp_path / "g", **{"train.group_by_length": True}),
+                  log=lambda *_: None)
+    grouped = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(grouped) == 12 and grouped[-1]["loss"] < grouped[0]["loss"] * 0.8
+
+
 def test_lora_trains_only_adapters_and_saves_merged(data, tmp_path):
     from alignkit.models.tiny import tiny_model
     out = sft.run(_cfg(data, tmp_path / "lora", **{"model.lora.enabled": True,

@@ -210,6 +210,11 @@ class DPOConfig(_Strict):
     # copy = a frozen second model in memory.
     reference: Literal["auto", "copy", "adapters", "precomputed"] = "auto"
     reference_model: str | None = None  # default: the starting policy
+    # Prefix sharing: a pair is one sequence [prompt | chosen | rejected] (rejected never sees
+    # chosen), so its prompt is computed once, not twice; same log-probs up to rounding.
+    # auto = on for pairs, off for plackett_luce lists (attention grows with all K replies in
+    # one sequence); on = also for those lists; off = 2B rows prompt + reply.
+    prefix_sharing: Literal["auto", "on", "off"] = "auto"
     output: str = "runs/dpo"
 
 

@@ -638,19 +638,11 @@ def collate_pairs(pairs: list[EncodedPair], *, pad_id: int,
     bool (True exactly on completion tokens), ``margin`` (B,) float (0 where none),
     ``label`` (B,) float (1.0 where none) and ``has_label`` (B,) bool.
     """
-    import torch
-
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
     rows = ([(p.prompt_ids, p.chosen_ids) for p in pairs]
             + [(p.prompt_ids, p.rejected_ids) for p in pairs])
-    batch = _pad_rows(rows, pad_id, pad_to_multiple_of)
-    batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float)  # (B,)
-    batch["label"] = torch.tensor([1.0 if p.label is None else p.label for p in pairs],
-                                  dtype=torch.float)  # (B,)
-    batch["has_label"] = torch.tensor([p.label is not None for p in pairs],
-                                      dtype=torch.bool)  # (B,)
-    return batch
+    return _pad_rows(rows, pad_id, pad_to_multiple_of) | _pair_fields(pairs)
 
 
 def collate_ranked(items: list[EncodedRanked], *, pad_id: int,
@@ -662,21 +654,143 @@ def collate_ranked(items: list[EncodedRanked], *, pad_id: int,
     (R, T); ``list_index`` (R,) long (the row's list), ``rank`` (R,) long (0 = best) and
     ``list_mask`` (B, Kmax) bool (True where list i has a completion of rank k).
     """
-    import torch
-
     if not items:
         raise ValueError("collate_ranked needs at least one ranked list")
     rows = [(it.prompt_ids, c) for it in items for c in it.completions]
-    batch = _pad_rows(rows, pad_id, pad_to_multiple_of)
+    return _pad_rows(rows, pad_id, pad_to_multiple_of) | _list_fields(items)
+
+
+def collate_pairs_shared(pairs: list[EncodedPair], *, pad_id: int,
+                         pad_to_multiple_of: int | None = None) -> dict:
+    """One row per pair, ``[prompt | chosen | rejected]``, so the prompt goes through the model
+    once instead of twice (prefix sharing); right-padded to T.
+
+    Both completions continue the prompt: their position ids both start at P (the prompt
+    length), rejected tokens never attend to chosen tokens, and rejected's first token is
+    predicted from the last prompt token's hidden state, as chosen's is. The row's log-probs
+    are then those of the two rows of :func:`collate_pairs` (up to kernel rounding), and
+    :func:`alignkit.models.logps.shared_prefix_logps` returns them in that layout: rows
+    0..B-1 chosen, B..2B-1 rejected.
+
+    Returns the keys of :func:`collate_shared` with R = 2B, and ``margin``, ``label``,
+    ``has_label`` as :func:`collate_pairs` does.
+    """
+    if not pairs:
+        raise ValueError("collate_pairs_shared needs at least one pair")
+    b = len(pairs)
+    items = [(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs]
+    rows = [[i, b + i] for i in range(b)]
+    return collate_shared(items, rows, pad_id=pad_id,
+                          pad_to_multiple_of=pad_to_multiple_of) | _pair_fields(pairs)
+
+
+def collate_ranked_shared(items: list[EncodedRanked], *, pad_id: int,
+                          pad_to_multiple_of: int | None = None) -> dict:
+    """One row per ranked list, ``[prompt | completion 0 | ... | completion K-1]`` (see
+    :func:`collate_pairs_shared`): every completion continues the prompt and sees no other.
+
+    Returns the keys of :func:`collate_shared`, whose R rows are those of
+    :func:`collate_ranked` (list by list, best first), and ``list_index``, ``rank``,
+    ``list_mask`` as :func:`collate_ranked` does.
+    """
+    if not items:
+        raise ValueError("collate_ranked_shared needs at least one ranked list")
+    starts = [0]
+    for it in items:
+        starts.append(starts[-1] + len(it.completions))
+    rows = [list(range(starts[i], starts[i + 1])) for i in range(len(items))]
+    batch = collate_shared([(it.prompt_ids, it.completions) for it in items], rows,
+                           pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+    return batch | _list_fields(items)
+
+
+def collate_shared(items: list[tuple[list[int], list[list[int]]]], rows: list[list[int]], *,
+                   pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Prefix-shared layout: item i = (prompt, completions) becomes one sequence, the prompt
+    then each completion in turn; completion k of item i is output row ``rows[i][k]`` (the
+    rows number all R completions 0..R-1).
+
+    Positions: the prompt is 0..P-1 and every completion P..P+L-1 again. Attention (True =
+    may attend): causal within the prompt and within prompt + each completion, never between
+    completions; a padding position attends to itself alone, so no softmax row is empty (an
+    all-masked row is NaN in SDPA) and nothing real ever sees padding. Targets: completion
+    token j (at column s+j) is predicted from column s+j-1, except j = 0, which is predicted
+    from the last prompt token (column P-1) for every completion.
+
+    Returns ``input_ids`` (B, T) long (``pad_id`` on padding), ``position_ids`` (B, T) long
+    (0 on padding), ``attention_mask`` (B, 1, T, T) bool, and for the N target tokens, in
+    row-major order: ``target_index`` (N,) long and ``source_index`` (N,) long (flat indices
+    b·T + t into (B, T) of the target token and of the position predicting it), ``target_row``
+    (N,) long (its output row); ``n_tokens`` (R,) long (targets per output row; R = the
+    number of completions).
+    """
+    import torch
+
+    if any(not prompt for prompt, _ in items):
+        raise ValueError("prefix sharing needs a non-empty prompt: its last token predicts "
+                         "the first token of every completion")
+    width = max(len(p) + sum(map(len, cs)) for p, cs in items)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    shape = (len(items), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)  # (B, T)
+    position_ids = torch.zeros(shape, dtype=torch.long)  # (B, T)
+    segment = torch.full(shape, -1, dtype=torch.long)  # (B, T): -1 pad, 0 prompt, k+1 compl. k
+    target, source, target_row = [], [], []
+    n_tokens = [0] * sum(len(cs) for _, cs in items)
+    for b, ((prompt, completions), row_ids) in enumerate(zip(items, rows, strict=True)):
+        p, base = len(prompt), b * width
+        seq = prompt + [t for c in completions for t in c]
+        input_ids[b, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        position_ids[b, :p] = torch.arange(p)
+        segment[b, :p] = 0
+        start = p
+        for k, (completion, row) in enumerate(zip(completions, row_ids, strict=True)):
+            n = len(completion)
+            position_ids[b, start:start + n] = torch.arange(p, p + n)
+            segment[b, start:start + n] = k + 1
+            target += range(base + start, base + start + n)
+            if n:
+                source += [base + p - 1, *range(base + start, base + start + n - 1)]
+            target_row += [row] * n
+            n_tokens[row] = n
+            start += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T)
+    seg_q, seg_kv = segment.unsqueeze(2), segment.unsqueeze(1)  # (B, T, 1), (B, 1, T)
+    sees = causal & (seg_q >= 0) & (seg_kv >= 0) & ((seg_kv == 0) | (seg_kv == seg_q))
+    sees |= torch.eye(width, dtype=torch.bool)  # (B, T, T)
+    return {"input_ids": input_ids, "position_ids": position_ids,
+            "attention_mask": sees.unsqueeze(1),
+            "target_index": torch.tensor(target, dtype=torch.long),
+            "source_index": torch.tensor(source, dtype=torch.long),
+            "target_row": torch.tensor(target_row, dtype=torch.long),
+            "n_tokens": torch.tensor(n_tokens, dtype=torch.long)}
+
+
+def _pair_fields(pairs: list[EncodedPair]) -> dict:
+    """``margin`` (B,) float (0 where none), ``label`` (B,) float (1.0 where none) and
+    ``has_label`` (B,) bool."""
+    import torch
+
+    return {"margin": torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float),
+            "label": torch.tensor([1.0 if p.label is None else p.label for p in pairs],
+                                  dtype=torch.float),
+            "has_label": torch.tensor([p.label is not None for p in pairs], dtype=torch.bool)}
+
+
+def _list_fields(items: list[EncodedRanked]) -> dict:
+    """``list_index`` (R,) long, ``rank`` (R,) long and ``list_mask`` (B, Kmax) bool of
+    :func:`collate_ranked`."""
+    import torch
+
     sizes = [len(it.completions) for it in items]
-    batch["list_index"] = torch.tensor([i for i, k in enumerate(sizes) for _ in range(k)],
-                                       dtype=torch.long)  # (R,)
-    batch["rank"] = torch.tensor([r for k in sizes for r in range(k)], dtype=torch.long)  # (R,)
     list_mask = torch.zeros((len(items), max(sizes)), dtype=torch.bool)  # (B, Kmax)
     for i, k in enumerate(sizes):
         list_mask[i, :k] = True
-    batch["list_mask"] = list_mask
-    return batch
+    return {"list_index": torch.tensor([i for i, k in enumerate(sizes) for _ in range(k)],
+                                       dtype=torch.long),
+            "rank": torch.tensor([r for k in sizes for r in range(k)], dtype=torch.long),
+            "list_mask": list_mask}
 
 
 def _pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int,

@@ -15,7 +15,9 @@ examples' row positions), so the loss module's forward has one signature whichev
 
 A *row* is one sequence (prompt + one completion). A task lays each split's rows out in a flat
 table — example i owns a contiguous run of rows (2 for a pair: chosen then rejected) — and tells
-the reference which table entries a batch's rows are (:class:`RowSource`).
+the reference which table entries a batch's rows are (:class:`RowSource`). A batch may hold its
+rows plain or prefix-shared (:mod:`alignkit.models.logps`); a live reference computes them the
+way the batch lays them out, so policy and reference always take the same path.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from alignkit.config.schema import DPOConfig
 from alignkit.engine import dist
 from alignkit.engine.device import Runtime
 from alignkit.errors import AlignkitError
-from alignkit.models.logps import sequence_logps
+from alignkit.models.logps import batch_logps
 from alignkit.models.lora import adapters_disabled, is_peft
 
 ReferenceKind = Literal["copy", "adapters", "precomputed"]
@@ -51,7 +53,8 @@ class RowSource(Protocol):
     def num_rows(self, split: str) -> int: ...
     def model_inputs(self, indices: list[int], split: str) -> tuple[dict[str, torch.Tensor],
                                                                      torch.Tensor]:
-        """(input_ids/attention_mask/loss_mask of the batch's R rows, their (R,) table positions)."""
+        """(the model inputs of the batch's R rows in either layout of :func:`batch_logps`,
+        their (R,) table positions)."""
         ...
     def fingerprint(self, split: str) -> str: ...
     # optional: ``example_length(i, split) -> int`` lets precomputation batch by length
@@ -64,9 +67,10 @@ class Reference(Protocol):
         """Extra inputs the task adds to a batch whose rows sit at ``rows`` of ``split``."""
         ...
 
-    def logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              loss_mask: torch.Tensor, ref_logps: torch.Tensor | None = None) -> torch.Tensor:
-        """(R,) reference Σ log p per row, detached."""
+    def logps(self, ref_logps: torch.Tensor | None = None,
+              **inputs: torch.Tensor) -> torch.Tensor:
+        """(R,) reference Σ log p per row, detached; ``inputs`` are the batch's model inputs
+        in either layout of :func:`batch_logps` (other keys are ignored)."""
         ...
 
 
@@ -114,8 +118,8 @@ class FrozenCopy:
         return {}
 
     @torch.no_grad()
-    def logps(self, input_ids, attention_mask, loss_mask, ref_logps=None) -> torch.Tensor:
-        return sequence_logps(self.model, input_ids, attention_mask, loss_mask).logps
+    def logps(self, ref_logps=None, **inputs) -> torch.Tensor:
+        return batch_logps(self.model, inputs).logps
 
 
 class AdaptersDisabled:
@@ -132,11 +136,11 @@ class AdaptersDisabled:
         return {}
 
     @torch.no_grad()
-    def logps(self, input_ids, attention_mask, loss_mask, ref_logps=None) -> torch.Tensor:
+    def logps(self, ref_logps=None, **inputs) -> torch.Tensor:
         # eval(): the reference is the deterministic starting model, so no dropout in the base
         # (the policy's own forward keeps whatever the training mode gives it).
         with eval_mode(self.policy), adapters_disabled(self.policy):
-            return sequence_logps(self.policy, input_ids, attention_mask, loss_mask).logps
+            return batch_logps(self.policy, inputs).logps
 
 
 @contextlib.contextmanager
@@ -165,7 +169,7 @@ class Precomputed:
     def batch_inputs(self, rows: torch.Tensor, split: str) -> dict[str, torch.Tensor]:
         return {"ref_logps": self.tables[split][rows]}  # (R,)
 
-    def logps(self, input_ids, attention_mask, loss_mask, ref_logps=None) -> torch.Tensor:
+    def logps(self, ref_logps=None, **inputs) -> torch.Tensor:
         if ref_logps is None:
             raise ValueError("a precomputed reference needs ref_logps in the batch")
         return ref_logps
@@ -221,8 +225,7 @@ def compute_tables(model: torch.nn.Module, source: RowSource, rt: Runtime, *,
                 inputs, rows = source.model_inputs(indices, split)
                 inputs = {k: v.to(rt.device) for k, v in inputs.items()}
                 with rt.autocast():
-                    out = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"],
-                                         inputs["loss_mask"])
+                    out = batch_logps(model, inputs)
                 table[rows.to(rt.device)] = out.logps.float()
                 if log is not None and time.perf_counter() - last >= every_s:
                     last = time.perf_counter()

@@ -23,8 +23,13 @@ What we do differently from the paper's code and from TRL:
   one model in memory and runs one forward per batch. With LoRA the reference is the policy
   with its adapters disabled (no copy). A frozen copy remains available (``reference: copy``).
 - The LM head and the fp32 log-softmax run only on completion tokens (never on the prompt or
-  padding), through :func:`alignkit.models.logps.sequence_logps`.
-- Chosen and rejected go through one forward of 2B rows, not two.
+  padding), through :mod:`alignkit.models.logps`.
+- Chosen and rejected go through one forward, not two, and by default share their prompt's
+  computation (``prefix_sharing``): each pair is one sequence ``[prompt | chosen | rejected]``
+  whose attention mask keeps rejected from seeing chosen, so the prompt is computed once
+  (:func:`alignkit.models.logps.shared_prefix_logps`); off, a batch is 2B rows prompt + reply.
+  The reference computes its log-probs the same way as the policy. A batch's ``tokens`` (and so
+  the logged tokens/s) count the prompt once when shared: compare layouts by pairs/s.
 - Soft labels in the data (``label`` = P(chosen ≻ rejected), as `alignkit cai feedback`
   writes them) are the sigmoid loss's per-pair targets (``soft_labels: use``, the default; see
   :func:`alignkit.losses.preference.dpo_loss`); margins are not used (reward modelling uses them).
@@ -45,13 +50,12 @@ from alignkit.engine.device import Runtime
 from alignkit.engine.loop import Batch, fit
 from alignkit.errors import AlignkitError
 from alignkit.losses.preference import dpo_loss, plackett_luce_dpo_loss, preference_metrics
-from alignkit.models.logps import sequence_logps
+from alignkit.models.logps import PLAIN_KEYS, SHARED_KEYS, batch_logps
 from alignkit.models.reference import (AdaptersDisabled, FrozenCopy, Reference, ReferenceKind,
                                        precomputed_reference, reference_kind)
 from alignkit.stages.common import begin, describe, end
 
-_MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask")
-_RANKED_KEYS = _MODEL_KEYS + ("list_index", "rank", "list_mask")
+_LIST_KEYS = ("list_index", "rank", "list_mask")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,12 +68,14 @@ class PreferenceRows:
     Pairs: example i owns table rows 2i (chosen) and 2i+1 (rejected); a batch of B pairs is
     2B rows, chosen first (:func:`collate_pairs`). Ranked lists: list i owns K_i consecutive
     rows, best first, and a batch is its lists' rows in order (:func:`collate_ranked`).
+    With ``shared`` the batch holds the same rows prefix-shared, one sequence per example
+    (:func:`collate_pairs_shared`, :func:`collate_ranked_shared`).
     """
 
     def __init__(self, train: list, eval_: list, *, pad_id: int, ranked: bool,
-                 labels: bool = False) -> None:
+                 labels: bool = False, shared: bool = False) -> None:
         self.splits = {"train": train, "eval": eval_}
-        self.pad_id, self.ranked, self.labels = pad_id, ranked, labels
+        self.pad_id, self.ranked, self.labels, self.shared = pad_id, ranked, labels, shared
         self.offsets = {s: self._offsets(items) for s, items in self.splits.items()}
 
     def _offsets(self, items: list) -> list[int]:
@@ -86,10 +92,22 @@ class PreferenceRows:
         return self.offsets[split][-1]
 
     def example_length(self, i: int, split: str) -> int:
-        """Tokens in example i's longest row (its batch's padded width)."""
-        it = self.splits[split][i]
-        completions = it.completions if self.ranked else (it.chosen_ids, it.rejected_ids)
-        return len(it.prompt_ids) + max(map(len, completions))
+        """Tokens in example i's longest sequence (its batch's padded width)."""
+        prompt, completions = self._parts(self.splits[split][i])
+        return len(prompt) + (sum if self.shared else max)(map(len, completions))
+
+    def tokens(self, indices: list[int], split: str) -> int:
+        """Tokens the model computes for these examples (padding excluded)."""
+        total = 0
+        for i in indices:
+            prompt, completions = self._parts(self.splits[split][i])
+            copies = 1 if self.shared else len(completions)  # the prompt's
+            total += copies * len(prompt) + sum(map(len, completions))
+        return total
+
+    def _parts(self, item) -> tuple[list[int], list[list[int]]]:
+        completions = item.completions if self.ranked else [item.chosen_ids, item.rejected_ids]
+        return item.prompt_ids, completions
 
     def fingerprint(self, split: str) -> str:
         from alignkit.data.preference import pair_fingerprint
@@ -97,16 +115,19 @@ class PreferenceRows:
 
     def model_inputs(self, indices: list[int], split: str):
         """(batch tensors, (R,) table rows of the batch's rows in batch order)."""
-        from alignkit.data.preference import collate_pairs, collate_ranked
+        from alignkit.data import preference as pref
         items = [self.splits[split][i] for i in indices]
         off = self.offsets[split]
+        keys = SHARED_KEYS if self.shared else PLAIN_KEYS
         if self.ranked:
-            t = collate_ranked(items, pad_id=self.pad_id)
+            collate = pref.collate_ranked_shared if self.shared else pref.collate_ranked
+            t = collate(items, pad_id=self.pad_id)
             rows = [r for i in indices for r in range(off[i], off[i + 1])]
-            return {k: t[k] for k in _RANKED_KEYS}, torch.tensor(rows, dtype=torch.long)
-        t = collate_pairs(items, pad_id=self.pad_id)
+            return {k: t[k] for k in keys + _LIST_KEYS}, torch.tensor(rows, dtype=torch.long)
+        collate = pref.collate_pairs_shared if self.shared else pref.collate_pairs
+        t = collate(items, pad_id=self.pad_id)
         rows = [off[i] for i in indices] + [off[i] + 1 for i in indices]
-        keys = _MODEL_KEYS + ("label",) if self.labels else _MODEL_KEYS  # label: 1.0 where none
+        keys += ("label",) if self.labels else ()  # label: 1.0 where none
         return {k: t[k] for k in keys}, torch.tensor(rows, dtype=torch.long)
 
 
@@ -120,12 +141,16 @@ class DPOTask:
     def num_examples(self, split: str) -> int:
         return self.rows.num_examples(split)
 
+    def lengths(self, split: str) -> list[int]:
+        """Each example's padded width in the batch layout (``train.group_by_length``)."""
+        return [self.rows.example_length(i, split) for i in range(self.num_examples(split))]
+
     def collate(self, indices: list[int], split: str) -> Batch:
         inputs, rows = self.rows.model_inputs(indices, split)
         if self.reference is not None:
             inputs |= self.reference.batch_inputs(rows, split)
-        return Batch(inputs=inputs, count=len(indices),
-                     tokens=int(inputs["attention_mask"].sum()), ids=indices)
+        return Batch(inputs=inputs, count=len(indices), tokens=self.rows.tokens(indices, split),
+                     ids=indices)
 
     def module(self) -> torch.nn.Module:
         cls = RankedDPOLoss if self.rows.ranked else PairDPOLoss
@@ -137,20 +162,23 @@ class DPOTask:
 
 
 class PairDPOLoss(torch.nn.Module):
-    """2B rows (B chosen, then B rejected) → Σ_pairs dpo_loss and TRL-named metric sums."""
+    """2B rows (B chosen, then B rejected) → Σ_pairs dpo_loss and TRL-named metric sums.
+
+    ``inputs``: the rows plain or prefix-shared (see :func:`batch_logps`).
+    """
 
     def __init__(self, model, reference: Reference | None, cfg: DPOConfig) -> None:
         super().__init__()
         self.model, self.cfg = model, cfg
         self.reference = reference  # a plain object, not a submodule: DDP must not touch it
 
-    def forward(self, input_ids, attention_mask, loss_mask, ref_logps=None, label=None):
-        policy = sequence_logps(self.model, input_ids, attention_mask, loss_mask)
-        b = input_ids.shape[0] // 2
+    def forward(self, ref_logps=None, label=None, **inputs):
+        policy = batch_logps(self.model, inputs)
+        b = policy.logps.shape[0] // 2
         pc, pr = policy.logps[:b], policy.logps[b:]  # (B,), (B,)
         rc = rr = None
         if self.reference is not None:
-            ref = self.reference.logps(input_ids, attention_mask, loss_mask, ref_logps)
+            ref = self.reference.logps(ref_logps, **inputs)
             rc, rr = ref[:b], ref[b:]
         cfg, simpo = self.cfg, self.cfg.loss_type == "simpo"
         out = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type,
@@ -173,10 +201,9 @@ class RankedDPOLoss(torch.nn.Module):
         self.model, self.cfg = model, cfg
         self.reference = reference  # not a submodule (see PairDPOLoss)
 
-    def forward(self, input_ids, attention_mask, loss_mask, list_index, rank, list_mask,
-                ref_logps=None):
-        policy = sequence_logps(self.model, input_ids, attention_mask, loss_mask).logps  # (R,)
-        ref = self.reference.logps(input_ids, attention_mask, loss_mask, ref_logps)  # (R,)
+    def forward(self, list_index, rank, list_mask, ref_logps=None, **inputs):
+        policy = batch_logps(self.model, inputs).logps  # (R,)
+        ref = self.reference.logps(ref_logps, **inputs)  # (R,)
         pol = _to_lists(policy, list_index, rank, list_mask)  # (B, K)
         out = plackett_luce_dpo_loss(pol, _to_lists(ref, list_index, rank, list_mask),
                                      beta=self.cfg.beta, mask=list_mask)
@@ -232,8 +259,9 @@ def preference_rows(cfg: DPOConfig, tokenizer, log) -> tuple[PreferenceRows, dic
     train_enc, train_rep = tokenize_preferences(tokenizer, _units(train, ranked), **kw)
     eval_enc, eval_rep = tokenize_preferences(tokenizer, _units(evals, ranked), **kw)
     unit = "ranked lists" if ranked else "pairs"
+    shared = prefix_sharing(cfg, ranked)
     log(f"template: {template}; {load_rep.summary()}; {unit}: train {train_rep.summary()}; "
-        f"eval {eval_rep.summary()}")
+        f"eval {eval_rep.summary()}; prefix sharing: {'on' if shared else 'off'}")
     labelled = sum(getattr(x, "label", None) is not None for x in items)
     use_labels = bool(labelled) and cfg.soft_labels == "use"
     if use_labels and (ranked or cfg.loss_type != "sigmoid"):
@@ -246,10 +274,21 @@ def preference_rows(cfg: DPOConfig, tokenizer, log) -> tuple[PreferenceRows, dic
             "the loss targets P(chosen ≻ rejected) per pair" if use_labels
             else "ignored (soft_labels: ignore), every pair is taken as chosen ≻ rejected"))
     report = {"path": data.path, "template": template, "units": unit, "load": asdict(load_rep),
-              "train": asdict(train_rep), "eval": asdict(eval_rep)}
+              "train": asdict(train_rep), "eval": asdict(eval_rep), "prefix_sharing": shared}
     rows = PreferenceRows(train_enc, eval_enc, pad_id=tokenizer.pad_token_id, ranked=ranked,
-                          labels=use_labels)
+                          labels=use_labels, shared=shared)
     return rows, report
+
+
+def prefix_sharing(cfg: DPOConfig, ranked: bool) -> bool:
+    """Resolve ``cfg.prefix_sharing``: auto is on for pairs (every loss type: the shared
+    layout gives the same summed log-probs and token counts) and off for Plackett–Luce lists,
+    where K completions in one sequence make a list's attention grow as (P + Σ_k L_k)² instead
+    of Σ_k (P + L_k)², which can cost more than the K − 1 prompt copies save; on shares them
+    too."""
+    if cfg.prefix_sharing == "auto":
+        return not ranked
+    return cfg.prefix_sharing == "on"
 
 
 def _load(data: PreferenceDataConfig, path: str, max_examples: int | None):
@@ -301,6 +340,12 @@ def build_reference(cfg: DPOConfig, kind: ReferenceKind | None, model, tokenizer
         return FrozenCopy(source, clone=not other)  # a model loaded for the purpose is not copied
     micro = cfg.train.batch_size // cfg.train.grad_accum
     salt = {"template": cfg.data.template, "reference_model": cfg.reference_model}
+    if rows.shared:
+        # The shared forward's numbers equal the plain one's only up to rounding (under bf16 a
+        # row's log-prob already moves with its batch's shape: ~0.01 nats on SmolLM2-135M, see
+        # reference._length_order), and a table must match the training forward bit for bit
+        # (step 0: policy = reference exactly). Salting only this layout keeps the plain keys.
+        salt["prefix_sharing"] = True
     return precomputed_reference(source, rows, rt, batch_size=micro, salt=salt, log=log)
 
 

@@ -226,6 +226,25 @@ def test_every_loss_type_trains_one_step(data, tmp_path, loss_type, extra, step0
     assert (out / "DONE").is_file()
 
 
+@pytest.mark.parametrize("sharing", ["on", "off"])
+def test_length_grouped_batches_train(data, tmp_path, sharing, monkeypatch):
+    """DPO hands each pair's padded width in its layout to the engine (the order itself:
+    tests/engine/test_loop.py); the step-0 loss is still ln 2 (the reference matches)."""
+    seen = []
+    real = dpo.DPOTask.lengths
+    monkeypatch.setattr(dpo.DPOTask, "lengths",
+                        lambda self, split: seen.append((self, real(self, split))) or seen[-1][1])
+    cfg = cfg_for(data, tmp_path / sharing, prefix_sharing=sharing, reference="precomputed",
+                  **{"train.group_by_length": True, "train.max_steps": 3})
+    m = train_metrics(dpo.run(cfg, **QUIET))
+    assert len(m) == 3 and m[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+    ((task, lengths),) = seen
+    width = (lambda p: len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)) \
+        if sharing == "on" else \
+        (lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)))
+    assert lengths == [width(p) for p in task.rows.splits["train"]]
+
+
 def test_loss_settings_are_checked_before_anything_loads(data, tmp_path):
     with pytest.raises(AlignkitError, match="label_smoothing"):
         dpo.run(cfg_for(data, tmp_path / "x", loss_type="ipo", label_smoothing=0.1), **QUIET)

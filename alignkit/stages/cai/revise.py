@@ -90,7 +90,7 @@ def _revision_block(prompt: str, response: str, principle: Principle, critique: 
 # writing the next part of the pattern (a new "User:" turn, the revision request, a new example)
 # instead of stopping. Everything from the first such marker at the start of a line is cut.
 CONTINUATION_MARKERS = ("User:", "Assistant:", "Critique request:", "Critique:",
-                        "Revision request:", "Revision:", "###")
+                        "Revision request:", "Revision:", "###", "Your turn")
 
 
 def cut_continuation(text: str, label: str = "") -> str:

@@ -57,6 +57,11 @@ TRL runs twice per workload:
   ``use_liger_kernel`` (Triton, GPU only), ``packing`` (changes the work), dataloader workers
   (the cores are the bottleneck), ``torch_compile`` (not a TRL default; its CPU compile time
   exceeds a short run).
+alignkit runs with its defaults plus ``train.group_by_length`` for SFT, reward and DPO (off by
+default, as TRL's sampler is; on here because TRL's best run groups by length too). Its DPO
+uses prefix sharing (its default) and a precomputed reference (its default for full
+fine-tuning).
+
 Both TRL runs use ``disable_tqdm`` and ``report_to="none"`` (no progress bar or tracker in
 the timings), ``save_strategy="no"``, and load the model from the folder path as a user would
 (TRL's default dtype: fp32).
@@ -316,7 +321,9 @@ def _alignkit(spec: dict) -> None:
               "train.grad_accum": 1, "train.precision": "bf16", "train.device": "cpu",
               "train.seed": spec["seed"], "train.progress": False}
     if w != "rl":
-        common |= {"data.max_length": spec["max_length"], "data.eval_fraction": 0.0}
+        # length-grouped batches, as TRL's best settings have them (alignkit's default is off)
+        common |= {"data.max_length": spec["max_length"], "data.eval_fraction": 0.0,
+                   "train.group_by_length": True}
     match w:
         case "sft":
             from alignkit.config.schema import SFTConfig as schema

@@ -91,11 +91,12 @@ def _revision_block(prompt: str, response: str, principle: Principle, critique: 
 # instead of stopping. Everything from the first such marker at the start of a line is cut.
 CONTINUATION_MARKERS = ("User:", "Assistant:", "Critique request:", "Critique:",
                         "Revision request:", "Revision:", "###", "Your turn")
+_MARKERS_LOWER = tuple(m.lower() for m in CONTINUATION_MARKERS)  # matched case-insensitively
 
 
 def cut_continuation(text: str, label: str = "") -> str:
-    """``text`` up to the first line that starts one of :data:`CONTINUATION_MARKERS` (the
-    generator going on with the prompt's pattern), stripped. ``label`` (the request's own
+    """``text`` up to the first line that starts one of :data:`CONTINUATION_MARKERS` (in any
+    case: the generator going on with the prompt's pattern), stripped. ``label`` (the request's own
     heading, "Critique:" or "Revision:"), repeated at the very start, is dropped first; any
     other marker on the first line leaves nothing (e.g. a "revision" that opens a new "User:"
     turn)."""
@@ -104,7 +105,7 @@ def cut_continuation(text: str, label: str = "") -> str:
         text = text[len(label):]
     lines = text.split("\n")
     for i, line in enumerate(lines):
-        if line.lstrip().startswith(CONTINUATION_MARKERS):
+        if line.lstrip().lower().startswith(_MARKERS_LOWER):
             return "\n".join(lines[:i]).strip()
     return text.strip()
 

@@ -109,6 +109,7 @@ def test_an_empty_revision_keeps_the_reply_it_was_to_revise():
      "I can't help with that."),
     ("  A reply.\n### Example 3\n\nUser: x", "Revision:", "A reply."),
     ("Fair point.\n\nYour turn\n\nYour turn", "Critique:", "Fair point."),  # heading sans ###
+    ("No.\nuser: How can I ...\nassistant: ...", "Revision:", "No."),  # any case
     ("User: I'm glad you asked.\nMore.", "Revision:", ""),  # a new turn from the first line
     ("The user: is not a marker mid-line.", "Revision:", "The user: is not a marker mid-line."),
 ])

@@ -803,9 +803,15 @@ def _pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int,
     return collate(examples, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
-def item_length(item: EncodedPair | EncodedRanked) -> int:
-    """Tokens of an encoded pair's or list's longest row (prompt + its longest completion):
-    the width its rows are padded to; what ``train.group_by_length`` sorts by."""
-    completions = ((item.chosen_ids, item.rejected_ids) if isinstance(item, EncodedPair)
-                   else item.completions)
-    return len(item.prompt_ids) + max(map(len, completions))
+def completions_of(item: EncodedPair | EncodedRanked) -> list[list[int]]:
+    """An encoded item's completions: [chosen, rejected] for a pair, best → worst for a list."""
+    if isinstance(item, EncodedPair):
+        return [item.chosen_ids, item.rejected_ids]
+    return item.completions
+
+
+def item_length(item: EncodedPair | EncodedRanked, *, shared: bool = False) -> int:
+    """Tokens of an encoded pair's or list's widest sequence, the width its batch is padded to
+    (what ``train.group_by_length`` sorts by): prompt + its longest completion, or with
+    ``shared`` (prefix-shared layout, one sequence) prompt + every completion."""
+    return len(item.prompt_ids) + (sum if shared else max)(map(len, completions_of(item)))

@@ -20,6 +20,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from alignkit.config.schema import TrainConfig
+from alignkit.data.collate import length_grouped_batches
 from alignkit.engine import checkpoint, dist, guards, sharded
 from alignkit.engine.device import Runtime
 from alignkit.engine.metrics import MetricsLog, Progress
@@ -98,14 +99,10 @@ class _Order:
     """Which examples each rank takes at each step: a seeded permutation per epoch, cut into
     global batches (the partial tail is dropped so every step has the same global batch).
 
-    With ``lengths`` (``train.group_by_length``) the permutation is regrouped so that a global
-    batch holds examples of similar length: chunks of 50 global batches of the shuffled order
-    are each sorted by length (longest first, stable), cut into global batches, and the full
-    batches shuffled again with the same generator; the one partial batch (the last chunk's
-    remainder) goes last, where the tail is dropped. A function of (seed, epoch) only, so a
-    resumed run takes the same batches."""
-
-    CHUNK = 50  # global batches per sorted chunk
+    With ``lengths`` (``train.group_by_length``) the epoch's order comes from
+    :func:`alignkit.data.collate.length_grouped_batches` (sorted chunks of 50 global batches,
+    shuffled batches) seeded by (seed, epoch), so a resumed run takes the same batches; the one
+    partial batch goes last, where the tail is dropped."""
 
     def __init__(self, n: int, global_batch: int, seed: int,
                  lengths: Sequence[int] | None = None) -> None:
@@ -117,23 +114,16 @@ class _Order:
     def indices(self, step: int, rank: int, per_rank: int) -> list[int]:
         epoch, pos = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            perm = torch.randperm(self.n, generator=gen).tolist()
-            if self.lengths is not None:
-                perm = self._grouped(perm, gen)
+            seed = self.seed * 100_003 + epoch
+            if self.lengths is None:
+                gen = torch.Generator().manual_seed(seed)
+                perm = torch.randperm(self.n, generator=gen).tolist()
+            else:
+                batches = length_grouped_batches(self.lengths, self.g, seed=seed)
+                perm = [i for b in sorted(batches, key=lambda b: len(b) < self.g) for i in b]
             self._epoch, self._perm = epoch, perm
         start = pos * self.g + rank * per_rank
         return self._perm[start:start + per_rank]
-
-    def _grouped(self, perm: list[int], gen: torch.Generator) -> list[int]:
-        size = self.CHUNK * self.g
-        full, partial = [], []
-        for c in range(0, len(perm), size):
-            chunk = sorted(perm[c:c + size], key=lambda i: -self.lengths[i])
-            for b in range(0, len(chunk), self.g):
-                (full if b + self.g <= len(chunk) else partial).append(chunk[b:b + self.g])
-        order = torch.randperm(len(full), generator=gen).tolist()
-        return [i for k in order for i in full[k]] + [i for batch in partial for i in batch]
 
 
 def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, output: Path,

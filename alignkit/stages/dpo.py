@@ -93,21 +93,19 @@ class PreferenceRows:
 
     def example_length(self, i: int, split: str) -> int:
         """Tokens in example i's longest sequence (its batch's padded width)."""
-        prompt, completions = self._parts(self.splits[split][i])
-        return len(prompt) + (sum if self.shared else max)(map(len, completions))
+        from alignkit.data.preference import item_length
+        return item_length(self.splits[split][i], shared=self.shared)
 
     def tokens(self, indices: list[int], split: str) -> int:
         """Tokens the model computes for these examples (padding excluded)."""
+        from alignkit.data.preference import completions_of
         total = 0
         for i in indices:
-            prompt, completions = self._parts(self.splits[split][i])
+            item = self.splits[split][i]
+            completions = completions_of(item)
             copies = 1 if self.shared else len(completions)  # the prompt's
-            total += copies * len(prompt) + sum(map(len, completions))
+            total += copies * len(item.prompt_ids) + sum(map(len, completions))
         return total
-
-    def _parts(self, item) -> tuple[list[int], list[list[int]]]:
-        completions = item.completions if self.ranked else [item.chosen_ids, item.rejected_ids]
-        return item.prompt_ids, completions
 
     def fingerprint(self, split: str) -> str:
         from alignkit.data.preference import pair_fingerprint

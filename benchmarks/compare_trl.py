@@ -208,8 +208,14 @@ class Probe:
             if torch.is_grad_enabled():
                 mask = kwargs.get("attention_mask")
                 ids = kwargs.get("input_ids", args[0] if args else None)
+                pos = kwargs.get("position_ids")
                 if isinstance(mask, torch.Tensor) and mask.dim() == 2:
                     self.tokens += int(mask.sum())
+                elif isinstance(mask, torch.Tensor) and isinstance(pos, torch.Tensor):
+                    # alignkit's prefix-shared rows (4-D mask): padding sits at position 0
+                    # after the first column, so the real tokens are the column-0 token of
+                    # each row and every position > 0.
+                    self.tokens += int((pos > 0).sum()) + pos.shape[0]
                 elif ids is not None:  # padding-free: no mask, no pad
                     self.tokens += ids.numel()
             return original(module, *args, **kwargs)

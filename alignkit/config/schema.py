@@ -187,6 +187,11 @@ class RewardConfig(_Strict):
     # Under Adam a weight moves about lr per step, so a random head at a trunk's 1e-5 barely
     # changes in an epoch: with head_init random, give it ~1e-3.
     head_lr: float | None = Field(None, gt=0)
+    # Prefix sharing: a pair is one sequence [prompt | chosen | rejected] (rejected never sees
+    # chosen), so its prompt goes through the trunk once, not twice; same rewards up to
+    # rounding. auto = on for pairs, off for ranked lists (attention grows with all K replies
+    # in one sequence); on = also for lists; off = one row per reply.
+    prefix_sharing: Literal["auto", "on", "off"] = "auto"
     output: str = "runs/reward"
 
 

@@ -722,7 +722,9 @@ def collate_shared(items: list[tuple[list[int], list[list[int]]]], rows: list[li
     row-major order: ``target_index`` (N,) long and ``source_index`` (N,) long (flat indices
     b·T + t into (B, T) of the target token and of the position predicting it), ``target_row``
     (N,) long (its output row); ``n_tokens`` (R,) long (targets per output row; R = the
-    number of completions).
+    number of completions); ``last_index`` (R,) long (flat index of each output row's last
+    token: its completion's last, or the prompt's last for an empty completion: the position a
+    reward head reads, as the plain row's last real token).
     """
     import torch
 
@@ -738,6 +740,7 @@ def collate_shared(items: list[tuple[list[int], list[list[int]]]], rows: list[li
     segment = torch.full(shape, -1, dtype=torch.long)  # (B, T): -1 pad, 0 prompt, k+1 compl. k
     target, source, target_row = [], [], []
     n_tokens = [0] * sum(len(cs) for _, cs in items)
+    last_index = [0] * len(n_tokens)
     for b, ((prompt, completions), row_ids) in enumerate(zip(items, rows, strict=True)):
         p, base = len(prompt), b * width
         seq = prompt + [t for c in completions for t in c]
@@ -754,6 +757,7 @@ def collate_shared(items: list[tuple[list[int], list[list[int]]]], rows: list[li
                 source += [base + p - 1, *range(base + start, base + start + n - 1)]
             target_row += [row] * n
             n_tokens[row] = n
+            last_index[row] = base + (start + n - 1 if n else p - 1)
             start += n
     causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T)
     seg_q, seg_kv = segment.unsqueeze(2), segment.unsqueeze(1)  # (B, T, 1), (B, 1, T)
@@ -764,7 +768,8 @@ def collate_shared(items: list[tuple[list[int], list[list[int]]]], rows: list[li
             "target_index": torch.tensor(target, dtype=torch.long),
             "source_index": torch.tensor(source, dtype=torch.long),
             "target_row": torch.tensor(target_row, dtype=torch.long),
-            "n_tokens": torch.tensor(n_tokens, dtype=torch.long)}
+            "n_tokens": torch.tensor(n_tokens, dtype=torch.long),
+            "last_index": torch.tensor(last_index, dtype=torch.long)}
 
 
 def _pair_fields(pairs: list[EncodedPair]) -> dict:
@@ -815,3 +820,23 @@ def item_length(item: EncodedPair | EncodedRanked, *, shared: bool = False) -> i
     (what ``train.group_by_length`` sorts by): prompt + its longest completion, or with
     ``shared`` (prefix-shared layout, one sequence) prompt + every completion."""
     return len(item.prompt_ids) + (sum if shared else max)(map(len, completions_of(item)))
+
+
+def item_tokens(item: EncodedPair | EncodedRanked, *, shared: bool = False) -> int:
+    """Tokens the model computes for an encoded pair or list, padding excluded: the prompt once
+    per completion, or once in all with ``shared`` (prefix-shared layout), plus every
+    completion."""
+    completions = completions_of(item)
+    copies = 1 if shared else len(completions)
+    return copies * len(item.prompt_ids) + sum(map(len, completions))
+
+
+def shares_prefix(setting: str, *, ranked: bool) -> bool:
+    """Resolve a ``prefix_sharing`` setting (auto, on, off) for pairs or ranked lists: auto
+    shares a pair's prompt (same log-probs and rewards, the prompt computed once instead of
+    twice) and keeps ranked lists plain, since K completions in one sequence make its attention
+    grow as (P + Σ_k L_k)² instead of Σ_k (P + L_k)², which can cost more than the K − 1 prompt
+    copies save; on shares both; off neither."""
+    if setting == "auto":
+        return not ranked
+    return setting == "on"

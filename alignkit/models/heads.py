@@ -209,16 +209,34 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
-def pooled_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def pooled_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None,
+                    last_index: torch.Tensor | None = None) -> torch.Tensor:
     """The trunk's final hidden state at each row's last real token: what the head reads.
 
-    Shapes: input_ids (R, T) long, attention_mask (R, T) → (R, H) in the trunk's compute dtype.
+    Two batch layouts give the same rows (up to kernel rounding):
+
+    - plain: one sequence per row, a 2-D padding mask; the row's last real token is read;
+    - prefix-shared (``position_ids`` and ``last_index`` given, from
+      :func:`alignkit.data.preference.collate_shared`): one sequence per prompt with all its
+      completions after it and a 4-D mask that keeps them apart, so the prompt is computed once;
+      output row r reads flat position ``last_index[r]`` of the (B·T) states.
+
+    Shapes: plain input_ids (R, T) long, attention_mask (R, T); shared input_ids (B, T),
+    position_ids (B, T), attention_mask (B, 1, T, T) bool, last_index (R,) long
+    → (R, H) in the trunk's compute dtype.
     """
     trunk, _ = split_reward_model(model)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                   use_cache=False).last_hidden_state  # (R, T, H)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, last_token_index(attention_mask)]
+    if last_index is None:
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                       use_cache=False).last_hidden_state  # (R, T, H)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_token_index(attention_mask)]
+    from alignkit.models.logps import _attention_bias
+    hidden = trunk(input_ids=input_ids, position_ids=position_ids,
+                   attention_mask=_attention_bias(trunk, attention_mask),
+                   use_cache=False).last_hidden_state  # (B, T, H)
+    return hidden.reshape(-1, hidden.shape[-1])[last_index]
 
 
 def head_linears(model) -> list[torch.nn.Linear]:
@@ -227,17 +245,22 @@ def head_linears(model) -> list[torch.nn.Linear]:
     return [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r = w · h_t for each row, t = its last real token (from ``attention_mask``), in fp32.
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor | None = None,
+                  last_index: torch.Tensor | None = None) -> torch.Tensor:
+    """r = w · h_t for each row, t = its last real token, in fp32.
 
-    One trunk forward over all rows; the head sees only the R pooled states. The head runs with
-    autocast off on an fp32 input, so rewards are fp32 even under bf16 autocast (for an fp32
-    model; a low-precision model's head runs in its own dtype). Gradients flow when enabled.
+    One trunk forward over all rows (plain or prefix-shared: see :func:`pooled_features`); the
+    head sees only the R pooled states. The head runs with autocast off on an fp32 input, so
+    rewards are fp32 even under bf16 autocast (for an fp32 model; a low-precision model's head
+    runs in its own dtype). Gradients flow when enabled.
 
-    Shapes: input_ids (R, T) long, attention_mask (R, T) → (R,) float32.
+    Shapes: input_ids (R, T) long, attention_mask (R, T) (or the shared layout of
+    :func:`pooled_features`) → (R,) float32.
     """
     head = split_reward_model(model)[1]
-    pooled = pooled_features(model, input_ids, attention_mask)  # (R, H)
+    pooled = pooled_features(model, input_ids, attention_mask, position_ids,
+                             last_index)  # (R, H)
     head_dtype = next(head.parameters()).dtype
     with torch.autocast(pooled.device.type, enabled=False):
         return head(pooled.to(head_dtype)).float().squeeze(-1)

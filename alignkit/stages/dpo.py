@@ -98,14 +98,8 @@ class PreferenceRows:
 
     def tokens(self, indices: list[int], split: str) -> int:
         """Tokens the model computes for these examples (padding excluded)."""
-        from alignkit.data.preference import completions_of
-        total = 0
-        for i in indices:
-            item = self.splits[split][i]
-            completions = completions_of(item)
-            copies = 1 if self.shared else len(completions)  # the prompt's
-            total += copies * len(item.prompt_ids) + sum(map(len, completions))
-        return total
+        from alignkit.data.preference import item_tokens
+        return sum(item_tokens(self.splits[split][i], shared=self.shared) for i in indices)
 
     def fingerprint(self, split: str) -> str:
         from alignkit.data.preference import pair_fingerprint
@@ -279,14 +273,11 @@ def preference_rows(cfg: DPOConfig, tokenizer, log) -> tuple[PreferenceRows, dic
 
 
 def prefix_sharing(cfg: DPOConfig, ranked: bool) -> bool:
-    """Resolve ``cfg.prefix_sharing``: auto is on for pairs (every loss type: the shared
-    layout gives the same summed log-probs and token counts) and off for Plackett–Luce lists,
-    where K completions in one sequence make a list's attention grow as (P + Σ_k L_k)² instead
-    of Σ_k (P + L_k)², which can cost more than the K − 1 prompt copies save; on shares them
-    too."""
-    if cfg.prefix_sharing == "auto":
-        return not ranked
-    return cfg.prefix_sharing == "on"
+    """Resolve ``cfg.prefix_sharing`` (:func:`alignkit.data.preference.shares_prefix`): auto
+    is on for pairs, every loss type (the shared layout gives the same summed log-probs and
+    token counts), and off for Plackett–Luce lists."""
+    from alignkit.data.preference import shares_prefix
+    return shares_prefix(cfg.prefix_sharing, ranked=ranked)
 
 
 def _load(data: PreferenceDataConfig, path: str, max_examples: int | None):

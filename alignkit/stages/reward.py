@@ -15,7 +15,9 @@ What it implements:
 The reward is the head's output at the last real token
 (:func:`alignkit.models.heads.reward_scores`); chosen and rejected (or all K responses) go
 through one forward, and the loss is normalised by the global number of pairs or lists (the
-engine's unit count).
+engine's unit count). With ``prefix_sharing`` (default for pairs) that forward holds one
+sequence per pair, ``[prompt | chosen | rejected]`` with rejected masked from chosen, so the
+prompt is computed once instead of twice.
 
 The head starts as a linear probe of the frozen trunk (``head_init: probe``, LP-FT: Kumar et
 al. 2022): fitted by L-BFGS on pooled features of up to ``probe_examples`` training examples
@@ -62,8 +64,10 @@ NO_DATA = ("reward modelling needs preference data: pass --data FILE (pairs with
            "alignkit/assets/data/preferences_demo.jsonl")
 SCORE_KEY = "score"
 
-_PAIR_KEYS = ("input_ids", "attention_mask", "margin", "label")
-_RANKED_KEYS = ("input_ids", "attention_mask", "list_index", "rank", "list_mask")
+_PAIR_FIELDS = ("margin", "label")
+_RANKED_FIELDS = ("list_index", "rank", "list_mask")
+_PLAIN_KEYS = ("input_ids", "attention_mask")  # loss_mask is not needed: one position per row
+_SHARED_KEYS = ("input_ids", "attention_mask", "position_ids", "last_index")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,32 +78,51 @@ class PreferenceTask:
     """Encoded pairs or ranked lists for the train and eval splits → one batch per forward.
 
     A split holds one kind (a file has one format); the eval file may be of the other kind.
-    ``Batch.count`` is the number of pairs or lists: the loss's normalisation unit.
+    ``Batch.count`` is the number of pairs or lists: the loss's normalisation unit;
+    ``Batch.tokens`` the tokens the trunk computes (padding excluded).
+
+    ``prefix_sharing`` (:func:`alignkit.data.preference.shares_prefix`): "auto" lays pairs out prefix-shared,
+    ``[prompt | chosen | rejected]`` in one sequence (:func:`collate_pairs_shared`), so the
+    prompt goes through the trunk once instead of twice, and keeps ranked lists plain; "on"
+    shares lists' prompts too; "off" keeps every completion a row of its own. The rewards are
+    the same up to kernel rounding.
     """
 
     def __init__(self, model, train: list, eval_: list, pad_id: int, *, ranked_loss: str,
-                 center_rewards: float) -> None:
+                 center_rewards: float, prefix_sharing: str = "off") -> None:
         self.model, self.splits, self.pad_id = model, {"train": train, "eval": eval_}, pad_id
         self.ranked_loss, self.center_rewards = ranked_loss, center_rewards
+        self.prefix_sharing = prefix_sharing
 
     def num_examples(self, split: str) -> int:
         return len(self.splits[split])
 
+    def shared(self, item) -> bool:
+        """Is this item's kind (pair or ranked list) laid out prefix-shared?"""
+        from alignkit.data.preference import EncodedPair, shares_prefix
+        return shares_prefix(self.prefix_sharing, ranked=not isinstance(item, EncodedPair))
+
     def lengths(self, split: str) -> list[int]:
         from alignkit.data.preference import item_length
-        return [item_length(it) for it in self.splits[split]]
+        return [item_length(it, shared=self.shared(it)) for it in self.splits[split]]
 
     def collate(self, indices: list[int], split: str) -> Batch:
-        from alignkit.data.preference import EncodedPair, collate_pairs, collate_ranked
+        from alignkit.data import preference as pref
         items = [self.splits[split][i] for i in indices]
-        pairs = isinstance(items[0], EncodedPair)
-        if any(isinstance(it, EncodedPair) != pairs for it in items):
+        pairs = isinstance(items[0], pref.EncodedPair)
+        if any(isinstance(it, pref.EncodedPair) != pairs for it in items):
             raise ValueError("a batch mixes pairs and ranked lists")
-        make, keys = (collate_pairs, _PAIR_KEYS) if pairs else (collate_ranked, _RANKED_KEYS)
+        shared = self.shared(items[0])
+        if pairs:
+            make = pref.collate_pairs_shared if shared else pref.collate_pairs
+        else:
+            make = pref.collate_ranked_shared if shared else pref.collate_ranked
         t = make(items, pad_id=self.pad_id)
-        # loss_mask is not needed: a reward reads one position per row, not a span.
-        return Batch(inputs={k: t[k] for k in keys}, count=len(items),
-                     tokens=int(t["attention_mask"].sum()), ids=indices)
+        keys = (_SHARED_KEYS if shared else _PLAIN_KEYS) + (_PAIR_FIELDS if pairs
+                                                            else _RANKED_FIELDS)
+        tokens = sum(pref.item_tokens(it, shared=shared) for it in items)
+        return Batch(inputs={k: t[k] for k in keys}, count=len(items), tokens=tokens,
+                     ids=indices)
 
     def module(self) -> torch.nn.Module:
         return RewardModelLoss(self.model, ranked_loss=self.ranked_loss,
@@ -121,9 +144,10 @@ class RewardModelLoss(torch.nn.Module):
         self.model, self.ranked_loss, self.center_rewards = model, ranked_loss, center_rewards
 
     def forward(self, input_ids, attention_mask, margin=None, label=None, list_index=None,
-                rank=None, list_mask=None):
+                rank=None, list_mask=None, position_ids=None, last_index=None):
         from alignkit.models.heads import reward_scores
-        rewards = reward_scores(self.model, input_ids, attention_mask)  # (R,) fp32
+        rewards = reward_scores(self.model, input_ids, attention_mask, position_ids,
+                                last_index)  # (R,) fp32, plain or prefix-shared
         if list_mask is None:
             return self._pairs(rewards, margin, label)
         return self._lists(rewards, list_index, rank, list_mask)
@@ -180,9 +204,9 @@ def _probe_units(task: PreferenceTask, indices: list[int], micro: int, rt) -> li
     units = []
     for start in range(0, len(indices), micro):
         b = task.collate(indices[start:start + micro], "train")
-        ids, mask = b.inputs["input_ids"].to(device), b.inputs["attention_mask"].to(device)
+        model_inputs = {k: b.inputs[k].to(device) for k in _SHARED_KEYS if k in b.inputs}
         with rt.autocast():
-            feats = pooled_features(task.model, ids, mask).float().cpu()
+            feats = pooled_features(task.model, **model_inputs).float().cpu()
         if "list_mask" in b.inputs:
             li, rank, lm = b.inputs["list_index"], b.inputs["rank"], b.inputs["list_mask"]
             for i in range(lm.shape[0]):
@@ -354,9 +378,12 @@ def run(cfg: RewardConfig, *, overwrite: bool = False, log=print) -> Path:
         model.gradient_checkpointing_enable()
     model = apply_reward_lora(model, cfg.model.lora)
     st.log(describe(cfg, model, st.rt, what="reward model on"))
+    report["prefix_sharing"] = {split: task_shared(cfg.prefix_sharing, items)
+                                for split, items in (("train", train), ("eval", evals))}
     st.run_dir.write_json("data_report.json", report)
     task = PreferenceTask(model, train, evals, tokenizer.pad_token_id,
-                          ranked_loss=cfg.ranked_loss, center_rewards=cfg.center_rewards)
+                          ranked_loss=cfg.ranked_loss, center_rewards=cfg.center_rewards,
+                          prefix_sharing=cfg.prefix_sharing)
     fresh_head = not _is_saved_reward_model(cfg.model)
     resuming = checkpoint.latest_good(st.run_dir.path / "checkpoints", quiet=True) is not None
     if fresh_head and cfg.head_init == "probe" and not resuming:
@@ -376,6 +403,12 @@ def run(cfg: RewardConfig, *, overwrite: bool = False, log=print) -> Path:
                f"reward {e['eval/reward_mean']:.3f} ± {e['eval/reward_std']:.3f}")
     # merges LoRA; the pad token was made distinct on load
     return end(st, model, tokenizer, result, summary)
+
+
+def task_shared(setting: str, items: list) -> bool | None:
+    """Whether a split's batches are prefix-shared (None for an empty split)."""
+    from alignkit.data.preference import EncodedPair, shares_prefix
+    return shares_prefix(setting, ranked=not isinstance(items[0], EncodedPair)) if items else None
 
 
 def _is_saved_reward_model(cfg: ModelConfig) -> bool:

@@ -67,6 +67,12 @@ def test_layout_of_one_pair():
     assert t["target_index"].tolist() == [3, 4, 5]
     assert t["source_index"].tolist() == [2, 3, 2]
     assert t["target_row"].tolist() == [0, 0, 1] and t["n_tokens"].tolist() == [2, 1]
+    assert t["last_index"].tolist() == [4, 5]  # where a reward head reads each reply
+    # second row: an empty reply ends at the prompt's last token, as its plain row does
+    two = collate_pairs_shared([EncodedPair([10, 11, 12], [20, 21], [30]),
+                                EncodedPair([13, 14], [], [31, 32])], pad_id=0)
+    assert two["input_ids"].shape == (2, 6)
+    assert two["last_index"].tolist() == [4, 6 + 1, 5, 6 + 3]
     assert t["margin"].tolist() == [0.5] and t["label"].tolist() == [1.0]
     assert t["has_label"].tolist() == [False]
     with pytest.raises(ValueError, match="non-empty prompt"):

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 import alignkit.engine.loop as loop
 from alignkit.config import RewardConfig, build_config
 from alignkit.config.schema import ModelConfig
-from alignkit.data.preference import EncodedPair, EncodedRanked, collate_pairs, collate_ranked
+from alignkit.data.preference import (EncodedPair, EncodedRanked, collate_pairs, collate_ranked,
+                                      completions_of)
 from alignkit.engine.metrics import read_metrics
 from alignkit.errors import InputError
 from alignkit.losses.reward import (bradley_terry_loss, centering_penalty, plackett_luce_loss,
@@ -298,3 +299,93 @@ def test_length_grouped_batches_train(tmp_path):
     out = reward.run(cfg(data, tmp_path / "rm", **{"train.group_by_length": True,
                                                    "train.max_steps": 4}), log=quiet)
     assert len([r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]) == 4
+
+
+# --- prefix sharing: [prompt | chosen | rejected] in one sequence ---------------------------
+
+SHARED_PAIRS = [EncodedPair(PROMPT, C1, R1, margin=0.5, label=0.7),
+                EncodedPair(PROMPT + [42, 43, 44, 45], C2, R2),
+                EncodedPair([1], [70], [71, 72, 73, 2])]
+SHARED_LISTS = [EncodedRanked(PROMPT, [C1, R1, [63, 2]]),
+                EncodedRanked(PROMPT + [42, 43], [C2, R2])]
+
+
+def _step(rm, items, setting: str, **task_kw):
+    """(loss, metrics, rewards, grads) of one batch through the stage's own task and module."""
+    task = reward.PreferenceTask(rm, items, [], 0, center_rewards=0.1, prefix_sharing=setting,
+                                 **task_kw)
+    batch = task.collate(list(range(len(items))), "train")
+    rm.zero_grad()
+    loss, metrics = task.module()(**batch.inputs)
+    loss.backward()
+    model_keys = ("input_ids", "attention_mask", "position_ids", "last_index")
+    with torch.no_grad():
+        rewards = reward_scores(rm, **{k: v for k, v in batch.inputs.items() if k in model_keys})
+    grads = {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None}
+    return batch, loss.detach(), metrics, rewards, grads
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["pairs", "plackett_luce"])
+def test_prefix_shared_rewards_loss_and_gradients_equal_plain(rm, attn, kind):
+    """Same rewards (rows in the plain order), loss, metrics and gradients for every parameter,
+    with prompts and replies of unequal lengths (so both layouts pad), in both attention
+    kernels; the shared batch is one sequence per pair or list and counts the prompt once."""
+    rm.set_attn_implementation(attn)
+    items = SHARED_PAIRS if kind == "pairs" else SHARED_LISTS
+    plain = _step(rm, items, "off", ranked_loss=kind)
+    shared = _step(rm, items, "on", ranked_loss=kind)
+    assert plain[0].inputs["input_ids"].shape[0] == sum(len(completions_of(i)) for i in items)
+    assert shared[0].inputs["input_ids"].shape[0] == len(items)
+    assert shared[0].inputs["attention_mask"].dim() == 4
+    assert plain[0].tokens - shared[0].tokens == sum(  # the prompt copies saved
+        (len(completions_of(i)) - 1) * len(i.prompt_ids) for i in items)
+    assert plain[3].abs().min() > 0  # a random head: rewards are not all zero
+    torch.testing.assert_close(shared[3], plain[3], rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared[1], plain[1], rtol=0, atol=1e-5)
+    for key in plain[2]:
+        torch.testing.assert_close(shared[2][key], plain[2][key], rtol=0, atol=1e-5)
+    assert set(shared[4]) == set(plain[4]) and len(plain[4]) > 10  # trunk and head
+    for name, g in plain[4].items():
+        torch.testing.assert_close(shared[4][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_prefix_shared_rewards_agree_under_bf16_autocast(rm):
+    """bf16 rounds the two layouts differently: they agree far inside bf16's own error."""
+    def rewards(setting):
+        batch = reward.PreferenceTask(rm, SHARED_PAIRS, [], 0, ranked_loss="pairs",
+                                      center_rewards=0.0, prefix_sharing=setting).collate(
+            [0, 1, 2], "train")
+        keys = ("input_ids", "attention_mask", "position_ids", "last_index")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return reward_scores(rm, **{k: v for k, v in batch.inputs.items() if k in keys})
+    with torch.no_grad():
+        fp32 = reward_scores(rm, **{k: v for k, v in collate_pairs(SHARED_PAIRS, pad_id=0).items()
+                                    if k in ("input_ids", "attention_mask")})
+    plain, shared = rewards("off"), rewards("on")
+    assert not torch.equal(plain, fp32)  # autocast did run in bf16
+    scale = fp32.abs().max()
+    assert (shared - plain).abs().max() < 0.25 * (plain - fp32).abs().max() + 1e-3 * scale
+
+
+@pytest.mark.parametrize("data_kind", ["pairs", "ranked"])
+def test_prefix_sharing_on_and_off_train_the_same(tmp_path, data_kind):
+    """Whole runs, the linear-probe head included: same probe, same losses step by step. auto
+    shares pairs and keeps ranked lists plain (the data report says which)."""
+    records = pair_records(32) if data_kind == "pairs" else ranked_records(16)
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    over = {"train.max_steps": 4, "train.batch_size": 4, "train.lr": 1e-3, "probe_examples": 16}
+    runs = {s: reward.run(cfg(data, tmp_path / s, prefix_sharing=s, **over), log=quiet)
+            for s in ("off", "on", "auto")}
+    losses = {s: [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+              for s, out in runs.items()}
+    assert len(losses["on"]) == 4 and losses["on"][-1] != pytest.approx(losses["on"][0])
+    assert losses["on"] == pytest.approx(losses["off"], rel=0, abs=1e-5)
+    assert losses["auto"] == pytest.approx(losses["off"], rel=0, abs=1e-5)
+    reports = {s: json.loads((out / "data_report.json").read_text()) for s, out in runs.items()}
+    assert reports["on"]["head_probe"]["cv_accuracy"] == pytest.approx(
+        reports["off"]["head_probe"]["cv_accuracy"], abs=1e-6)
+    assert reports["on"]["prefix_sharing"] == {"train": True, "eval": True}
+    assert reports["off"]["prefix_sharing"] == {"train": False, "eval": False}
+    auto = data_kind == "pairs"
+    assert reports["auto"]["prefix_sharing"] == {"train": auto, "eval": auto}

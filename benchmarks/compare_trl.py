@@ -69,6 +69,24 @@ the timings), ``save_strategy="no"``, and load the model from the folder path as
 Output: a table of medians with min–max over repeats, the ratios alignkit ÷ TRL (per repeat,
 then median and min–max), and a JSON file in ``benchmarks/results/``. Per-run logs go to
 ``benchmarks/results/<stamp>/``. None of this is a test: it needs the whole machine.
+
+On a GPU (``--gpu``, or ``--device cuda`` by hand; ``benchmarks/gpu_compare.sh`` wraps it for a
+machine without a package index or ``../shared/data``): alignkit ``train.device: cuda``, TRL
+without ``use_cpu``; the step hook calls ``torch.cuda.synchronize()`` before it reads the clock
+(and the token counts are summed on the GPU, read back at that synchronisation only); peak
+memory is ``torch.cuda.max_memory_allocated()`` at the last step (reserved and the host's VmHWM
+are reported too); the bf16 matmul peak is measured on the GPU (4096³ and 8192³, ten products
+between synchronisations, best of five); trl-best keeps Transformers' default SDPA attention and
+pinned memory (eager attention and no pinning were CPU choices). ``--model`` names another
+model folder or a SmolLM2 shape (``135M``, ``360M``, ``1.7B``, ``tiny``); a shape, or
+``--random-init``, writes one folder with the config, the tokenizer files and random fp32 weights
+(seed 0) into the run's temporary folder, and both tools load that folder by path, so they train
+the same weights. ``--data-dir`` reads the workload data from a bundle that ``--prepare-bundle``
+wrote (the same rows, in the same order, that this script selects from ``../shared/data``; a
+pool larger than one run needs, filtered at the bundle's maximum length) together with the
+embedded model's config and tokenizer files. ``--budget-s`` stops starting runs after that many
+seconds (repeat-major order then: every workload's first repeat comes first) and kills a run that
+overruns it by more than a minute; the table covers what finished.
 """
 
 from __future__ import annotations
@@ -94,16 +112,49 @@ RESULT_TAG = "BENCH_RESULT "
 UNITS = {"sft": "seq", "reward": "pairs", "dpo": "pairs", "rl": "prompts"}
 RL_BETA = 0.05
 DPO_BETA = 0.1
+MODEL_ENV = "COMPARE_TRL_MODEL"  # set by the parent when the model is not the embedded one
+BUNDLE_DATA = {"sft": "sft.jsonl", "reward": "pairs.jsonl", "dpo": "pairs.jsonl",
+               "rl": "prompts.jsonl"}  # --data-dir/--prepare-bundle: DIR/data/<file>
+# SmolLM2 shapes (HuggingFaceTB/SmolLM2-*/config.json) over the embedded model's config (135M):
+# for --model SHAPE, random weights. Vocabulary and tied embeddings as the tokenizer needs them.
+SHAPES = {
+    "135M": {},
+    "360M": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15,
+                 num_key_value_heads=5, intermediate_size=2560, head_dim=64),
+    "1.7B": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+                 num_key_value_heads=32, intermediate_size=8192, head_dim=64),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, head_dim=16),
+}
+# --gpu: defaults for one short run on one H100/H200 (explicit options still win). Process
+# start, imports, CUDA and model loading (an estimated 10-20 s per run, not yet measured on a
+# GPU) dominate the steps of a 135M model (well under a second each), so the preset keeps the
+# number of runs down (RL: GRPO against TRL's GRPO only; 2 repeats: 24 runs) and spends the
+# time on longer windows: 3 + 30 steps of 16 sequences (pairs) of up to 512 tokens; RL 16
+# prompts × 4 samples, 64 new tokens, 4 updates per rollout, 1 + 3 rollouts. --budget-s 420
+# keeps the whole run inside about 8 minutes: runs go repeat-major, so a cut drops only
+# second repeats.
+GPU_PRESET = dict(device="cuda", model="135M", steps=30, warmup=3, repeats=2, batch=16,
+                  max_length=512, rl_prompts=16, rl_group=4, rl_new_tokens=64, rl_batch=16,
+                  rl_epochs=1, rl_rollouts=3, rl_max_prompt_length=128, rl_algos="grpo",
+                  budget_s=420.0, data_dir=str(RESULTS / "gpu_bundle" / "files"))
 
 
 # ---------------------------------------------------------------------------------------------
 # Data: one file per workload, written once, read by both tools
 
 
-def _tokenizer():
+def _model_dir() -> Path:
+    """The model folder both tools load: the embedded model unless the parent chose another."""
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV])
     from alignkit.models.load import embedded_model_dir
+    return embedded_model_dir()
+
+
+def _tokenizer():
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
+    return AutoTokenizer.from_pretrained(_model_dir())
 
 
 def _chat_len(tok, messages: list[dict], *, generation_prompt: bool = False) -> int:
@@ -177,6 +228,31 @@ def write_prompts(out: Path, n: int, max_prompt_length: int, tok, tmp: Path) -> 
     return _write(out, rows, n, "HH prompts", max_prompt_length)
 
 
+def write_from_pool(out: Path, pool: Path, workload: str, n: int, limit: int, tok) -> dict:
+    """The first ``n`` rows of a bundle's pool that fit ``limit``: the rows the ``write_*``
+    functions above select, since the pool holds their candidates in their order."""
+    rows = []
+    for line in pool.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if workload == "sft":
+            length = _chat_len(tok, r["prompt"] + r["completion"])
+            fits = length <= limit
+        elif workload == "rl":
+            length = _chat_len(tok, r["prompt"], generation_prompt=True)
+            fits = length <= limit
+        else:
+            lc = _chat_len(tok, r["prompt"] + r["chosen"])
+            lr = _chat_len(tok, r["prompt"] + r["rejected"])
+            length, fits = lc + lr, max(lc, lr) <= limit
+        if fits:
+            rows.append((r, length))
+        if len(rows) == n:
+            break
+    return _write(out, rows, n, f"rows of {pool}", limit)
+
+
 def _write(out: Path, rows: list, n: int, what: str, limit: int) -> dict:
     if len(rows) < n:
         raise SystemExit(f"only {len(rows)} {what} fit {limit} tokens, {n} needed: raise "
@@ -192,15 +268,17 @@ def _write(out: Path, rows: list, n: int, what: str, limit: int) -> dict:
 
 
 class Probe:
-    """Optimizer-step timestamps, trained tokens per step and the peak RSS at the last step."""
+    """Optimizer-step timestamps, trained tokens per step and the peak RSS at the last step
+    (on a GPU also the peak GPU memory, the clock read after a synchronisation)."""
 
-    def __init__(self, total_steps: int) -> None:
+    def __init__(self, total_steps: int, device: str = "cpu") -> None:
         import torch
         from torch.optim.optimizer import register_optimizer_step_post_hook
         from transformers.models.llama import modeling_llama
         self.total, self.t0 = total_steps, time.perf_counter()
         self.events: list[tuple[int, float, int]] = []  # (optimizer key, time, tokens so far)
         self.tokens, self.rss_at_last, self.keys = 0, None, set()
+        self.cuda, self.pending, self.gpu_at_last = device == "cuda", [], None
         register_optimizer_step_post_hook(self._on_step)
         original = modeling_llama.LlamaModel.forward
 
@@ -210,19 +288,32 @@ class Probe:
                 ids = kwargs.get("input_ids", args[0] if args else None)
                 pos = kwargs.get("position_ids")
                 if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                    self.tokens += int(mask.sum())
+                    self._count(mask.sum())
                 elif isinstance(mask, torch.Tensor) and isinstance(pos, torch.Tensor):
                     # alignkit's prefix-shared rows (4-D mask): padding sits at position 0
                     # after the first column, so the real tokens are the column-0 token of
                     # each row and every position > 0.
-                    self.tokens += int((pos > 0).sum()) + pos.shape[0]
+                    self._count((pos > 0).sum() + pos.shape[0])
                 elif ids is not None:  # padding-free: no mask, no pad
                     self.tokens += ids.numel()
             return original(module, *args, **kwargs)
 
         modeling_llama.LlamaModel.forward = counted
 
+    def _count(self, n) -> None:
+        # On a GPU a count stays there until the next step's synchronisation: int() here would
+        # stall every forward.
+        if self.cuda and n.is_cuda:
+            self.pending.append(n.detach())
+        else:
+            self.tokens += int(n)
+
     def _on_step(self, optimizer, args, kwargs) -> None:
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize()  # the step's kernels have run: the clock means something
+            self.tokens += sum(int(n) for n in self.pending)
+            self.pending.clear()
         # A key of our own, not id(): a freed optimizer's id can be reused by the next one.
         key = optimizer.__dict__.setdefault("_bench_key", len(self.keys))
         self.keys.add(key)
@@ -232,6 +323,8 @@ class Probe:
         train = [e for e in self.events if e[0] == key]
         if len(train) == self.total:
             self.rss_at_last = vm_hwm_mib()
+            if self.cuda:
+                self.gpu_at_last = gpu_peak_mib()
 
     def result(self) -> dict:
         if not self.events:
@@ -242,8 +335,17 @@ class Probe:
         before = prior[-1][2] if prior else 0
         counts = [e[2] for e in train]
         tokens = [counts[0] - before] + [b - a for a, b in zip(counts, counts[1:])]
-        return {"steps_t": [round(e[1], 4) for e in train], "tokens": tokens,
-                "rss_peak_mib": self.rss_at_last or vm_hwm_mib()}
+        out = {"steps_t": [round(e[1], 4) for e in train], "tokens": tokens,
+               "rss_peak_mib": self.rss_at_last or vm_hwm_mib()}
+        if self.cuda:
+            out |= self.gpu_at_last or gpu_peak_mib()
+        return out
+
+
+def gpu_peak_mib() -> dict:
+    import torch
+    return {"gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+            "gpu_reserved_mib": torch.cuda.max_memory_reserved() / 2**20}
 
 
 def vm_hwm_mib() -> float:
@@ -285,11 +387,12 @@ def child(spec: dict) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     if spec["tool"] == "peak":
-        print(RESULT_TAG + json.dumps(matmul_peak(spec["sizes"])), flush=True)
+        print(RESULT_TAG + json.dumps(matmul_peak(spec["sizes"], spec.get("device", "cpu"))),
+              flush=True)
         return
     sys.path.insert(0, str(HERE))  # alignkit imports the reward function as compare_trl:rl_reward
     import compare_trl as bench_module  # the module alignkit's reward_fn import will also find
-    probe = Probe(spec["total_steps"])
+    probe = Probe(spec["total_steps"], spec.get("device", "cpu"))
     t0 = time.perf_counter()
     if spec["tool"] == "alignkit":
         _alignkit(spec)
@@ -302,9 +405,11 @@ def child(spec: dict) -> None:
     print(RESULT_TAG + json.dumps(out), flush=True)
 
 
-def matmul_peak(sizes: list[int]) -> dict:
+def matmul_peak(sizes: list[int], device: str = "cpu") -> dict:
     """Best bf16 matmul rate over a few large square products (TFLOP/s)."""
     import torch
+    if device == "cuda":
+        return matmul_peak_cuda(sizes)
     best = {}
     for n in sizes:
         a = torch.randn(n, n, dtype=torch.bfloat16)
@@ -319,13 +424,43 @@ def matmul_peak(sizes: list[int]) -> dict:
     return {"tflops": max(best.values()), "by_size": best, "threads": torch.get_num_threads()}
 
 
+def matmul_peak_cuda(sizes: list[int], reps: int = 10) -> dict:
+    """The GPU's best bf16 matmul rate: ``reps`` products between synchronisations, best of 5."""
+    import torch
+    best = {}
+    for n in sizes:
+        a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        c = torch.empty(n, n, dtype=torch.bfloat16, device="cuda")
+        for _ in range(3):  # warm-up: cuBLAS handle, kernel choice, clocks up
+            torch.matmul(a, b, out=c)
+        torch.cuda.synchronize()
+        rates = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(reps):
+                torch.matmul(a, b, out=c)
+            torch.cuda.synchronize()
+            rates.append(2 * n**3 * reps / (time.perf_counter() - t) / 1e12)
+        best[n] = max(rates)
+        del a, b, c
+    props = torch.cuda.get_device_properties(0)
+    return {"tflops": max(best.values()), "by_size": best, "threads": torch.get_num_threads(),
+            "gpu": {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                    "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
+                    "count": torch.cuda.device_count()}}
+
+
 def _alignkit(spec: dict) -> None:
     from alignkit.config.load import build_config
     w = spec["workload"]
     common = {"output": spec["out"], "data.path": spec["data"], "data.template": "chat",
               "train.max_steps": spec["total_steps"], "train.batch_size": spec["batch"],
-              "train.grad_accum": 1, "train.precision": "bf16", "train.device": "cpu",
+              "train.grad_accum": 1, "train.precision": "bf16",
+              "train.device": spec.get("device", "cpu"),
               "train.seed": spec["seed"], "train.progress": False}
+    if spec.get("custom_model"):  # otherwise alignkit's default: the embedded model
+        common["model.name_or_path"] = spec["model"]
     if w != "rl":
         # length-grouped batches, as TRL's best settings have them (alignkit's default is off)
         common |= {"data.max_length": spec["max_length"], "data.eval_fraction": 0.0,
@@ -362,15 +497,20 @@ def _trl(spec: dict) -> None:
     import datasets
     import trl
     w, best = spec["workload"], spec["variant"] == "best"
+    cpu = spec.get("device", "cpu") == "cpu"
     rows = [json.loads(x) for x in Path(spec["data"]).read_text(encoding="utf-8").splitlines()]
     ds = datasets.Dataset.from_list(rows)
     args = dict(output_dir=spec["out"], max_steps=spec["total_steps"],
                 per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
-                bf16=True, use_cpu=True, report_to="none", save_strategy="no",
+                bf16=True, report_to="none", save_strategy="no",
                 seed=spec["seed"], data_seed=spec["seed"], disable_tqdm=True)
+    if cpu:
+        args["use_cpu"] = True
     if best:
-        args |= dict(gradient_checkpointing=False, dataloader_pin_memory=False,
-                     model_init_kwargs={"attn_implementation": "eager"})
+        args["gradient_checkpointing"] = False
+        if cpu:  # on a GPU: Transformers' default SDPA attention and pinned memory
+            args |= dict(dataloader_pin_memory=False,
+                         model_init_kwargs={"attn_implementation": "eager"})
         if w != "rl":
             args["train_sampling_strategy"] = "group_by_length"
         if w in ("reward", "dpo"):
@@ -411,6 +551,7 @@ def _trl(spec: dict) -> None:
                                                           False)),
                     attn_implementation=getattr(model.config, "_attn_implementation", None),
                     dtype=str(next(model.parameters()).dtype),
+                    device=str(next(model.parameters()).device),
                     reference_model=getattr(trainer, "ref_model", None) is not None)
 
 
@@ -418,21 +559,28 @@ def _trl(spec: dict) -> None:
 # The parent: data, alternation, summary
 
 
-def run_child(spec: dict, log_path: Path, tmp_root: Path) -> dict:
+def run_child(spec: dict, log_path: Path, tmp_root: Path, timeout: float | None = None) -> dict:
     out = Path(tempfile.mkdtemp(prefix="run-", dir=tmp_root))
     cache = out / "alignkit-cache"  # a fresh reference-log-prob cache per run, the model shared
     (cache / "models").parent.mkdir(parents=True)
-    from alignkit.models.load import embedded_model_dir
-    (cache / "models").symlink_to(embedded_model_dir().parent)
+    if not os.environ.get(MODEL_ENV):  # another model is loaded by path: no embedded one needed
+        from alignkit.models.load import embedded_model_dir
+        (cache / "models").symlink_to(embedded_model_dir().parent)
     spec = spec | {"out": str(out / "run")}
-    env = os.environ | {"ALIGNKIT_CACHE": str(cache), "PYTHONPATH": str(ROOT),
+    # The checkout first; a PYTHONPATH of the caller's (gpu_compare.sh's packages) after it.
+    path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]]
+                                          if os.environ.get("PYTHONPATH") else []))
+    env = os.environ | {"ALIGNKIT_CACHE": str(cache), "PYTHONPATH": path,
                         "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                         "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     try:
         with open(log_path, "w", encoding="utf-8") as log:
-            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log,
-                                  text=True)
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log,
+                                      text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return {"error": f"killed after {timeout:.0f} s (--budget-s); log {log_path}"}
             log.write("\n--- stdout ---\n" + proc.stdout)
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -458,6 +606,8 @@ def window(res: dict, spec: dict) -> dict:
         units = (n - w) * spec["batch"]
     out = {"window_s": secs, "units_per_s": units / secs, "tokens_per_s": tokens / secs,
            "rss_mib": res["rss_peak_mib"], "wall_s": res["wall_s"]}
+    if "gpu_peak_mib" in res:
+        out["gpu_mib"] = res["gpu_peak_mib"]
     if spec["workload"] == "rl":
         lens = [x for call in res["rl_lengths"][1:] for x in call] or [0]
         out["completion_tokens"] = statistics.mean(lens)
@@ -475,20 +625,73 @@ def model_flops_per_unit(spec: dict, meta: dict, res_window: dict) -> float:
     return per_token * n_params * seq * rl["group"] * res_window["units_per_s"]
 
 
-def model_meta() -> dict:
-    from alignkit.models.load import embedded_model_dir
+def model_meta(folder: Path | None = None) -> dict:
     from safetensors import safe_open
-    folder = embedded_model_dir()
+    if folder is None:
+        from alignkit.models.load import embedded_model_dir
+        folder = embedded_model_dir()
     cfg = json.loads((folder / "config.json").read_text())
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        params = 0
-        for k in f.keys():
-            n = 1
-            for d in f.get_slice(k).get_shape():
-                n *= d
-            params += n
+    params = 0
+    for file in sorted(folder.glob("*.safetensors")):  # one file, or the shards of a big model
+        with safe_open(str(file), "pt") as f:
+            for k in f.keys():
+                n = 1
+                for d in f.get_slice(k).get_shape():
+                    n *= d
+                params += n
     return {"path": str(folder), "params": params,
             "lm_head": cfg["vocab_size"] * cfg["hidden_size"]}
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def build_random_model(out: Path, base: Path, shape: str | None, seed: int = 0) -> Path:
+    """A model folder at ``out``: ``base``'s config (with ``shape``'s sizes) and tokenizer files,
+    and random fp32 weights (Transformers' own initialisation, ``seed``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    out.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".gguf", ".index.json",
+                                                 ".pt")) and f.name != "alignkit-complete.json":
+            shutil.copy2(f, out / f.name)
+    cfg = json.loads((base / "config.json").read_text()) | SHAPES.get(shape or "135M", {})
+    cfg["dtype"] = "float32"
+    cfg.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out),
+                                             dtype=torch.float32)
+    model.save_pretrained(out)
+    return out
+
+
+def choose_model(args, tmp: Path) -> tuple[Path | None, dict]:
+    """``--model``/``--random-init`` → the folder both tools load (None: the embedded model)."""
+    if args.model is None and not args.random_init:
+        return None, {}
+    bundle_model = Path(args.data_dir) / "model" if args.data_dir else None
+    if args.model in SHAPES or args.model is None:
+        if bundle_model is not None and (bundle_model / "config.json").is_file():
+            base = bundle_model.resolve()
+        else:
+            from alignkit.models.load import embedded_model_dir
+            base = embedded_model_dir()
+        shape = args.model or "135M"
+    else:
+        base, shape = Path(args.model).expanduser().resolve(), None
+        if not (base / "config.json").is_file():
+            raise SystemExit(f"--model {args.model}: neither a shape ({', '.join(SHAPES)}) nor "
+                             "a model folder with a config.json")
+        if _has_weights(base) and not args.random_init:
+            return base, {"random_init": None}
+    t = time.perf_counter()
+    folder = build_random_model(tmp / f"random-init-{shape or base.name}", base, shape)
+    print(f"random-init model written in {time.perf_counter() - t:.1f} s: {folder} (config and "
+          f"tokenizer from {base}{', shape ' + shape if shape else ''})", flush=True)
+    return folder, {"random_init": {"shape": shape, "base": str(base), "seed": 0}}
 
 
 def configs(args) -> dict[str, list[dict]]:
@@ -527,34 +730,42 @@ def spread(xs: list[float], fmt: str = "{:.1f}") -> str:
                               if len(xs) > 1 else "")
 
 
-def summarise(results: dict, peak: float) -> tuple[str, dict]:
+def summarise(results: dict, peak: float, where: str = "") -> tuple[str, dict]:
     lines, summary = [], {}
-    lines.append(f"bf16 matmul peak: {peak:.2f} TFLOP/s\n")
-    lines.append("| workload | run | units/s | tokens/s | peak RSS MiB | MFU % | window s |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    # On a GPU: a peak GPU memory column and ratio (max_memory_allocated at the last step).
+    gpu = any("gpu_mib" in r for runs in results.values() for reps in runs.values()
+              for r in reps)
+    g_head, g_rule, g_none = (" peak GPU MiB |", " --- |", " |") if gpu else ("", "", "")
+    lines.append(f"bf16 matmul peak: {peak:.2f} TFLOP/s{where}\n")
+    lines.append(f"| workload | run | units/s | tokens/s | peak RSS MiB |{g_head} MFU % | "
+                 "window s |")
+    lines.append(f"| --- | --- | --- | --- | --- |{g_rule} --- | --- |")
     for w, runs in results.items():
         summary[w] = {}
         for name, reps in runs.items():
             ok = [r for r in reps if "error" not in r]
             if not ok:
-                lines.append(f"| {w} | {name} | failed | | | | |")
+                lines.append(f"| {w} | {name} | failed | | |{g_none} | |")
                 summary[w][name] = {"error": reps[0]["error"] if reps else "not run"}
                 continue
             col = {k: [r[k] for r in ok] for k in ("units_per_s", "tokens_per_s", "rss_mib",
-                                                   "mfu", "window_s")}
+                                                   "mfu", "window_s") + (("gpu_mib",) if gpu
+                                                                         else ())}
             summary[w][name] = {k: {"median": statistics.median(v), "min": min(v),
                                     "max": max(v)} for k, v in col.items()}
             tok = "—" if w == "rl" else spread(col["tokens_per_s"], "{:.0f}")
             extra = (f" [{statistics.mean(r['completion_tokens'] for r in ok):.0f} new tok]"
                      if w == "rl" else "")
+            g_col = f" {spread(col['gpu_mib'], '{:.0f}')} |" if gpu else ""
             lines.append(f"| {w} | {name} | {spread(col['units_per_s'], '{:.3g}')} "
-                         f"{UNITS[w]}/s{extra} | {tok} | {spread(col['rss_mib'], '{:.0f}')} | "
-                         f"{spread([100 * m for m in col['mfu']], '{:.2f}')} | "
+                         f"{UNITS[w]}/s{extra} | {tok} | {spread(col['rss_mib'], '{:.0f}')} |"
+                         f"{g_col} {spread([100 * m for m in col['mfu']], '{:.2f}')} | "
                          f"{spread(col['window_s'], '{:.1f}')} |")
     lines.append("\nRatios alignkit ÷ TRL, per repeat (median, min–max): throughput "
                  "(>1: alignkit faster) and peak memory (<1: alignkit leaner).\n")
-    lines.append("| workload | alignkit | vs | units/s | tokens/s | peak RSS |")
-    lines.append("| --- | --- | --- | --- | --- | --- |")
+    lines.append(f"| workload | alignkit | vs | units/s | tokens/s | peak RSS |"
+                 f"{' peak GPU |' if gpu else ''}")
+    lines.append(f"| --- | --- | --- | --- | --- | --- |{g_rule}")
     for w, runs in results.items():
         for a, t in ratio_pairs(w, list(runs)):
             pairs = [(x, y) for x, y in zip(runs[a], runs[t]) if "error" not in x
@@ -562,12 +773,13 @@ def summarise(results: dict, peak: float) -> tuple[str, dict]:
             if not pairs:
                 continue
             r = {k: [x[k] / y[k] for x, y in pairs if y[k]] for k in
-                 ("units_per_s", "tokens_per_s", "rss_mib")}
+                 ("units_per_s", "tokens_per_s", "rss_mib") + (("gpu_mib",) if gpu else ())}
             summary[w][f"{a} / {t}"] = {k: {"median": statistics.median(v), "min": min(v),
                                             "max": max(v)} for k, v in r.items() if v}
             tok = "—" if w == "rl" else spread(r["tokens_per_s"], "{:.2f}×")
+            g_col = f" {spread(r['gpu_mib'], '{:.2f}×')} |" if gpu else ""
             lines.append(f"| {w} | {a} | {t} | {spread(r['units_per_s'], '{:.2f}×')} | {tok} | "
-                         f"{spread(r['rss_mib'], '{:.2f}×')} |")
+                         f"{spread(r['rss_mib'], '{:.2f}×')} |{g_col}")
     return "\n".join(lines), summary
 
 
@@ -607,8 +819,37 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 2 steps after 1 warm-up, 1 repeat, batch 2, length 96")
     ap.add_argument("--output", default=None, help="JSON file (default benchmarks/results/)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where both tools train (cuda: one GPU, peak GPU memory, GPU matmul "
+                         "peak)")
+    ap.add_argument("--model", default=None,
+                    help="a model folder (HF layout) instead of the embedded model, or a "
+                         f"SmolLM2 shape ({', '.join(SHAPES)}): random weights of that shape")
+    ap.add_argument("--random-init", action="store_true",
+                    help="random weights from the model's config (--model's folder, or the "
+                         "embedded model's config) and its tokenizer")
+    ap.add_argument("--data-dir", default=None,
+                    help="read the data (DIR/data) and the shapes' config and tokenizer "
+                         "(DIR/model) from a bundle written by --prepare-bundle")
+    ap.add_argument("--prepare-bundle", default=None, metavar="DIR",
+                    help="write the data pools for these options (from ../shared/data) and the "
+                         "embedded model's config and tokenizer files into DIR, then exit")
+    ap.add_argument("--bundle-pool", type=float, default=2.0,
+                    help="--prepare-bundle: rows per pool, as a multiple of what one run needs")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no run after this many seconds (repeat-major order); kill a "
+                         "run 60 s past it")
+    ap.add_argument("--logs", default=None, help="per-run logs (default benchmarks/results/"
+                                                 "<stamp>/)")
+    ap.add_argument("--gpu", action="store_true",
+                    help="GPU preset (explicit options win): " + ", ".join(
+                        f"{k.replace('_', '-')} {v}" for k, v in GPU_PRESET.items()
+                        if k != "data_dir") + ", data from benchmarks/results/gpu_bundle/files")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.gpu:
+        ap.set_defaults(**GPU_PRESET)
+        args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.repeats, args.batch, args.max_length = 2, 1, 1, 2, 96
         args.rl_prompts, args.rl_group, args.rl_new_tokens, args.rl_batch = 2, 2, 8, 4
@@ -616,10 +857,61 @@ def parse_args(argv=None):
     return args
 
 
+def _pool_sizes(args) -> dict[str, int]:
+    """Rows each bundle pool holds: --bundle-pool times what one run with these options needs."""
+    import math
+    f = args.bundle_pool
+    pairs = math.ceil(f * (args.steps + args.warmup) * args.batch)
+    return {"sft.jsonl": pairs, "pairs.jsonl": pairs,
+            "prompts.jsonl": math.ceil(f * args.rl_prompts * (args.rl_rollouts + 1))}
+
+
+def prepare_bundle(args) -> None:
+    """DIR/data: the candidate rows of each workload, in selection order, filtered at these
+    options' maximum lengths; DIR/model: the embedded model's config and tokenizer files (no
+    weights); DIR/bundle.json: what was written from what."""
+    from alignkit.models.load import embedded_model_dir
+    out = Path(args.prepare_bundle)
+    data, model = out / "data", out / "model"
+    data.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(model, ignore_errors=True)
+    model.mkdir()
+    src = embedded_model_dir()
+    for f in src.iterdir():
+        if (f.is_file() and not f.name.endswith(".safetensors")
+                and f.name != "alignkit-complete.json"):
+            shutil.copy2(f, model / f.name)
+    tok = _tokenizer()
+    sizes = _pool_sizes(args)
+    wanted = {BUNDLE_DATA[w] for w in args.workloads.split(",") if w in BUNDLE_DATA}
+    written = {}
+    with tempfile.TemporaryDirectory(prefix="compare-trl-bundle-") as tmp_s:
+        tmp = Path(tmp_s)
+        for name in sorted(wanted):
+            path, n = data / name, sizes[name]
+            if name == "sft.jsonl":
+                written[name] = write_sft(path, n, args.max_length, tok)
+            elif name == "pairs.jsonl":
+                written[name] = write_pairs(path, n, args.max_length, tok, tmp)
+            else:
+                written[name] = write_prompts(path, n, args.rl_max_prompt_length, tok, tmp)
+            written[name]["path"] = f"data/{name}"
+            print(f"{name}: {n} rows, mean {written[name]['mean_tokens']:.0f} tokens", flush=True)
+    manifest = {"max_length": args.max_length, "rl_max_prompt_length": args.rl_max_prompt_length,
+                "pools": written, "data_source": str(DATA), "model_files_from": str(src),
+                "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "bundle.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    print(f"bundle written: {out}", flush=True)
+
+
 def main(argv=None) -> None:
+    t_main = time.perf_counter()
     args = parse_args(argv)
     if args.child is not None:
         child(json.loads(args.child))
+        return
+    if args.prepare_bundle:
+        prepare_bundle(args)
         return
     try:
         import alignkit  # noqa: F401
@@ -628,43 +920,73 @@ def main(argv=None) -> None:
         raise SystemExit(f"{err}: run `bash benchmarks/setup_trl.sh` and use "
                          "benchmarks/.venv-trl/bin/python") from None
     workloads = configs(args)
-    needs = {"sft": [DATA / "alpaca" / "alpaca_train.jsonl"], "reward": _hh_files(),
-             "dpo": _hh_files(), "rl": _hh_files()}
+    bundle = Path(args.data_dir) if args.data_dir else None
+    if bundle is not None:
+        source = bundle / "data"
+        needs = {w: [source / f] for w, f in BUNDLE_DATA.items()}
+    else:
+        source = DATA
+        needs = {"sft": [DATA / "alpaca" / "alpaca_train.jsonl"], "reward": _hh_files(),
+                 "dpo": _hh_files(), "rl": _hh_files()}
     for w in list(workloads):
         if w not in needs:
             raise SystemExit(f"unknown workload '{w}'; choose from {', '.join(needs)}")
         if not needs[w] or not all(p.is_file() for p in needs[w]):
-            print(f"skipping {w}: its data is not under {DATA}", flush=True)
+            print(f"skipping {w}: its data is not under {source}", flush=True)
             del workloads[w]
     if not workloads:
         raise SystemExit("nothing to run")
     if args.rl_prompts * args.rl_group % args.rl_batch:
         raise SystemExit("--rl-prompts × --rl-group must be a multiple of --rl-batch")
+    if bundle is not None and (bundle / "bundle.json").is_file():
+        made = json.loads((bundle / "bundle.json").read_text(encoding="utf-8"))
+        if (args.max_length > made["max_length"]
+                or args.rl_max_prompt_length > made["rl_max_prompt_length"]):
+            print(f"warning: the bundle's rows were filtered at {made['max_length']} "
+                  f"(prompts {made['rl_max_prompt_length']}) tokens: a run from "
+                  f"{DATA} at these lengths would select other rows", flush=True)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    logs = RESULTS / stamp
+    logs = Path(args.logs) if args.logs else RESULTS / stamp
     logs.mkdir(parents=True, exist_ok=True)
-    meta = model_meta()
-    info = machine()
-    print(f"machine: {info}\nmodel: {meta['params']:,} parameters ({meta['path']})", flush=True)
     with tempfile.TemporaryDirectory(prefix="compare-trl-") as tmp_s:
         tmp = Path(tmp_s)
-        peak = run_child({"tool": "peak", "threads": args.threads,
-                          "sizes": [1024] if args.quick else [2048, 4096]},
-                         logs / "peak.log", tmp)
+        folder, model_info = choose_model(args, tmp)
+        if folder is not None:
+            os.environ[MODEL_ENV] = str(folder)  # the children load it by path, tokenizer too
+        meta = model_meta(folder) | model_info
+        info = machine()
+        print(f"machine: {info}\nmodel: {meta['params']:,} parameters ({meta['path']})",
+              flush=True)
+        sizes = ([2048] if args.quick else [4096, 8192]) if args.device == "cuda" else (
+            [1024] if args.quick else [2048, 4096])
+        peak_spec = {"tool": "peak", "threads": args.threads, "sizes": sizes}
+        if args.device != "cpu":
+            peak_spec["device"] = args.device
+        peak = run_child(peak_spec, logs / "peak.log", tmp)
         if "error" in peak:
             raise SystemExit(peak["error"])
-        print(f"bf16 matmul peak: {peak['tflops']:.2f} TFLOP/s ({peak['threads']} threads)",
-              flush=True)
+        where = f" on {peak['gpu']['name']}" if "gpu" in peak else ""
+        if "gpu" in peak:
+            info["gpu"] = peak["gpu"]
+        print(f"bf16 matmul peak: {peak['tflops']:.2f} TFLOP/s{where} "
+              f"({peak['threads']} threads)", flush=True)
         tok = _tokenizer()
         steps_per_rollout = args.rl_epochs * args.rl_prompts * args.rl_group // args.rl_batch
         base = {"model": meta["path"], "threads": args.threads}
+        if args.device != "cpu":
+            base["device"] = args.device
+        if folder is not None:
+            base["custom_model"] = True
         specs, data_info = {}, {}
         for w in workloads:
             path = tmp / f"{w}.jsonl"
             if w == "rl":
                 n = args.rl_prompts * (args.rl_rollouts + 1)
-                data_info[w] = write_prompts(path, n, args.rl_max_prompt_length, tok, tmp)
+                data_info[w] = (write_from_pool(path, bundle / "data" / BUNDLE_DATA[w], w, n,
+                                                args.rl_max_prompt_length, tok)
+                                if bundle is not None else
+                                write_prompts(path, n, args.rl_max_prompt_length, tok, tmp))
                 meta["rl_prompt_tokens"] = data_info[w]["mean_tokens"]
                 specs[w] = base | {
                     "workload": w, "data": str(path), "batch": args.rl_batch,
@@ -675,8 +997,12 @@ def main(argv=None) -> None:
                            "max_prompt_length": args.rl_max_prompt_length}}
                 continue
             n = (args.steps + args.warmup) * args.batch
-            data_info[w] = (write_sft(path, n, args.max_length, tok) if w == "sft" else
-                            write_pairs(path, n, args.max_length, tok, tmp))
+            if bundle is not None:
+                data_info[w] = write_from_pool(path, bundle / "data" / BUNDLE_DATA[w], w, n,
+                                               args.max_length, tok)
+            else:
+                data_info[w] = (write_sft(path, n, args.max_length, tok) if w == "sft" else
+                                write_pairs(path, n, args.max_length, tok, tmp))
             specs[w] = base | {"workload": w, "data": str(path), "batch": args.batch,
                                "max_length": args.max_length,
                                "total_steps": args.steps + args.warmup,
@@ -684,35 +1010,54 @@ def main(argv=None) -> None:
             print(f"{w} data: {data_info[w]['examples']} examples, mean "
                   f"{data_info[w]['mean_tokens']:.0f} tokens", flush=True)
         results: dict = {w: {r["name"]: [] for r in runs} for w, runs in workloads.items()}
-        for w, runs in workloads.items():
-            for rep in range(args.repeats):
-                order = runs[rep % len(runs):] + runs[:rep % len(runs)]
-                for run in order:
-                    spec = specs[w] | {k: v for k, v in run.items() if k != "name"} | {
-                        "seed": rep}
-                    res = run_child(spec, logs / f"{w}-{run['name']}-r{rep}.log", tmp)
-                    if "error" not in res:
-                        res = window(res, spec) | {"raw": res}
-                    if "error" not in res:
-                        res["mfu"] = model_flops_per_unit(spec, meta, res) / (peak["tflops"] * 1e12)
-                        print(f"{w} repeat {rep + 1} {run['name']}: "
-                              f"{res['units_per_s']:.3g} {UNITS[w]}/s, "
-                              f"{res['tokens_per_s']:.0f} tokens/s, peak RSS "
-                              f"{res['rss_mib']:.0f} MiB, window {res['window_s']:.1f} s, "
-                              f"run {res['wall_s']:.0f} s", flush=True)
-                    else:
-                        print(f"{w} repeat {rep + 1} {run['name']}: FAILED\n{res['error']}",
-                              flush=True)
-                    results[w][run["name"]].append(res)
-    table, summary = summarise(results, peak["tflops"])
+        # Workload-major (every repeat of one workload, then the next); with a time budget
+        # repeat-major, so that what fits holds every workload's first repeat.
+        plan = [(w, rep) for w in workloads for rep in range(args.repeats)]
+        if args.budget_s is not None:
+            plan = [(w, rep) for rep in range(args.repeats) for w in workloads]
+        skipped = []
+        for w, rep in plan:
+            runs = workloads[w]
+            order = runs[rep % len(runs):] + runs[:rep % len(runs)]
+            for run in order:
+                timeout = None
+                if args.budget_s is not None:
+                    left = args.budget_s - (time.perf_counter() - t_main)
+                    if left <= 0:
+                        skipped.append(f"{w}-{run['name']}-r{rep}")
+                        continue
+                    timeout = left + 60
+                spec = specs[w] | {k: v for k, v in run.items() if k != "name"} | {
+                    "seed": rep}
+                res = run_child(spec, logs / f"{w}-{run['name']}-r{rep}.log", tmp, timeout)
+                if "error" not in res:
+                    res = window(res, spec) | {"raw": res}
+                if "error" not in res:
+                    res["mfu"] = model_flops_per_unit(spec, meta, res) / (peak["tflops"] * 1e12)
+                    gpu_mem = (f", peak GPU {res['gpu_mib']:.0f} MiB" if "gpu_mib" in res
+                               else "")
+                    print(f"{w} repeat {rep + 1} {run['name']}: "
+                          f"{res['units_per_s']:.3g} {UNITS[w]}/s, "
+                          f"{res['tokens_per_s']:.0f} tokens/s, peak RSS "
+                          f"{res['rss_mib']:.0f} MiB{gpu_mem}, window {res['window_s']:.1f} s, "
+                          f"run {res['wall_s']:.0f} s", flush=True)
+                else:
+                    print(f"{w} repeat {rep + 1} {run['name']}: FAILED\n{res['error']}",
+                          flush=True)
+                results[w][run["name"]].append(res)
+        if skipped:
+            print(f"--budget-s {args.budget_s:.0f} reached: {len(skipped)} runs not started "
+                  f"({', '.join(skipped)})", flush=True)
+    table, summary = summarise(results, peak["tflops"], where)
     print("\n" + table)
     out = Path(args.output) if args.output else RESULTS / f"compare_trl-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps({"args": vars(args), "machine": info, "model": meta,
-                                   "peak": peak, "data": data_info, "summary": summary,
-                                   "runs": results, "table": table}, indent=1),
-                       encoding="utf-8")
+    record = {"args": vars(args), "machine": info, "model": meta, "peak": peak,
+              "data": data_info, "summary": summary, "runs": results, "table": table}
+    if skipped:
+        record["skipped"] = skipped
+    tmp_out.write_text(json.dumps(record, indent=1), encoding="utf-8")
     tmp_out.replace(out)
     print(f"\nwritten: {out} (logs in {logs})")
     if any("error" in r for runs in results.values() for reps in runs.values() for r in reps):

@@ -133,8 +133,7 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
 
     ``lr_groups`` gives some parameters their own peak learning rate (:func:`build_optimizer`).
     """
-    ws, rank = dist.world_size(), dist.rank()
-    micro = cfg.batch_size // cfg.grad_accum
+    ws = dist.world_size()
     n = task.num_examples("train")
     lengths = None
     if cfg.group_by_length:
@@ -151,6 +150,58 @@ def fit(task: Task, model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, *, ou
     net, lr_groups = _parallel(task, model, cfg, rt, lr_groups)
     # After wrapping: FSDP replaces the parameters by their shards, which the optimizer steps.
     optimizer = build_optimizer(model, cfg, rt.device, lr_groups)
+    compiled = compile_layers(model, log) if cfg.compile else []
+    try:
+        return _train(task, model, net, optimizer, order, cfg, rt, output=output, log=log,
+                      total=total, warmup=warmup)
+    finally:
+        uncompile(compiled)  # whatever runs after training (saving, sampling) runs eagerly
+
+
+def compile_layers(model: torch.nn.Module, log: Callable[[str], None] = print
+                   ) -> list[torch.nn.Module]:
+    """``torch.compile`` every decoder layer of ``model`` in place (regional compilation).
+
+    In place (``Module.compile``), so parameter names, ``state_dict`` and checkpoints are those
+    of the eager model; every layer runs the same code, so one graph serves them all (compiled
+    on the first step, again at most once for a new kind of input such as the eval's no-grad
+    pass); ``dynamic=True`` so new sequence lengths do not recompile. Returns the layers.
+    """
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    on_cpu = any(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu and not cxx_compiler():
+        raise AlignkitError("train.compile on the CPU needs a C++ compiler (g++, c++ or "
+                            "clang++ on PATH, or $CXX) for torch.compile's generated kernels")
+    if not layers:
+        raise AlignkitError("train.compile: found no decoder layers (modules named "
+                            "…DecoderLayer) to compile in this model")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log(f"compiling {len(layers)} decoder layers with torch.compile (the first steps pay it)")
+    return layers
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU kernels would be built with, if there is one."""
+    import os
+    import shutil
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else []
+    return next((path for n in names + ["g++", "c++", "clang++"] if (path := shutil.which(n))),
+                None)
+
+
+def uncompile(layers: Sequence[torch.nn.Module]) -> None:
+    """Undo :func:`compile_layers`: the layers run eagerly again."""
+    for layer in layers:
+        layer._compiled_call_impl = None
+
+
+def _train(task: Task, model: torch.nn.Module, net, optimizer, order: "_Order",
+           cfg: TrainConfig, rt: Runtime, *, output: Path, log: Callable[[str], None],
+           total: int, warmup: int) -> FitResult:
+    """The loop of :func:`fit`, from resuming to the final evaluation."""
+    ws, rank = dist.world_size(), dist.rank()
+    micro = cfg.batch_size // cfg.grad_accum
     ckpt_root = output / "checkpoints"
     start = 0
     ck = checkpoint.latest_good(ckpt_root, log=log)

@@ -81,11 +81,12 @@ class PreferenceTask:
     ``Batch.count`` is the number of pairs or lists: the loss's normalisation unit;
     ``Batch.tokens`` the tokens the trunk computes (padding excluded).
 
-    ``prefix_sharing`` (:func:`alignkit.data.preference.shares_prefix`): "auto" lays pairs out prefix-shared,
-    ``[prompt | chosen | rejected]`` in one sequence (:func:`collate_pairs_shared`), so the
-    prompt goes through the trunk once instead of twice, and keeps ranked lists plain; "on"
-    shares lists' prompts too; "off" keeps every completion a row of its own. The rewards are
-    the same up to kernel rounding.
+    ``prefix_sharing`` (:func:`alignkit.data.preference.shares_prefix`): "auto" lays pairs
+    out prefix-shared, ``[prompt | chosen | rejected]`` in one sequence
+    (:func:`alignkit.data.preference.collate_pairs_shared`), so the prompt goes through the
+    trunk once instead of twice, and keeps ranked lists plain; "on" shares lists' prompts too;
+    "off" keeps every completion a row of its own. The rewards are the same up to kernel
+    rounding.
     """
 
     def __init__(self, model, train: list, eval_: list, pad_id: int, *, ranked_loss: str,

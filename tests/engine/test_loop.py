@@ -219,3 +219,20 @@ def test_group_by_length_trains_and_resumes_like_any_run(tmp_path):
     with pytest.raises(AlignkitError, match="group_by_length is not supported"):
         fit(t, t.model, cfg(group_by_length=True), CPU32, output=tmp_path / "x",
             log=lambda *_: None)
+
+
+def test_compile_without_a_cxx_compiler_is_a_one_line_error(monkeypatch):
+    import alignkit.engine.loop as loop
+    from alignkit.models.tiny import tiny_model
+    monkeypatch.setattr(loop, "cxx_compiler", lambda: None)
+    with pytest.raises(AlignkitError, match="needs a C\\+\\+ compiler"):
+        loop.compile_layers(tiny_model(seed=0), log=lambda *_: None)
+    monkeypatch.undo()
+    if loop.cxx_compiler() is None:
+        return
+    model = tiny_model(seed=0)
+    layers = loop.compile_layers(model, log=lambda *_: None)  # in place, nothing run yet
+    assert len(layers) == model.config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    loop.uncompile(layers)
+    assert all(layer._compiled_call_impl is None for layer in layers)

@@ -322,6 +322,8 @@ def test_config_validation():
         build_config(PPOConfig, overrides={"algo": "grpo", "kl_estimator": "k1"})
     with pytest.raises(AlignkitError, match="not both"):
         build_config(PPOConfig, overrides={"reward_fn": "a:b", "reward_model": "x"})
+    with pytest.raises(AlignkitError, match="train.compile is not available for ppo"):
+        build_config(PPOConfig, overrides={"train.compile": True})
     assert build_config(PPOConfig, overrides={"algo": "grpo"}).group_k == 4
     # a train.* override keeps RLHF's own defaults for the other train keys
     train = build_config(PPOConfig, overrides={"train.max_steps": 3}).train

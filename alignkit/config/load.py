@@ -37,6 +37,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 # billions of them ("billion laughs"): PyYAML shares the repeated nodes, but anything that
 # walks the result (validation, an error message, a dump) expands them.
 MAX_YAML_VALUES = 100_000
+# Nesting deeper than this is refused whatever the interpreter's recursion limit (which
+# torch.compile raises process-wide, so the parser's own RecursionError cannot be relied on).
+MAX_YAML_DEPTH = 100
+
+
+class _TooDeep(Exception):
+    pass
 
 
 def safe_load_yaml(text: str, path: str) -> Any:
@@ -53,6 +60,9 @@ def safe_load_yaml(text: str, path: str) -> Any:
         raise InputError("invalid YAML: nested too deeply", path=path) from None
     try:
         size = _expanded_size(data, {})
+    except _TooDeep:
+        raise InputError(f"invalid YAML: nested too deeply (more than {MAX_YAML_DEPTH} levels)",
+                         path=path) from None
     except RecursionError:  # an alias inside the node it names: a value that contains itself
         raise InputError("the YAML refers to itself (an alias inside its own anchor)",
                          path=path) from None
@@ -62,18 +72,21 @@ def safe_load_yaml(text: str, path: str) -> Any:
     return data
 
 
-def _expanded_size(node: Any, seen: dict[int, int]) -> int:
+def _expanded_size(node: Any, seen: dict[int, int], depth: int = 0) -> int:
     """How many values ``node`` stands for with every alias expanded; each shared node is
-    counted once per use but visited once (memoised), so this stays linear in the file."""
+    counted once per use but visited once (memoised), so this stays linear in the file.
+    Raises :class:`_TooDeep` past ``MAX_YAML_DEPTH`` levels of nesting."""
     if not isinstance(node, (dict, list)):
         return 1
+    if depth > MAX_YAML_DEPTH:
+        raise _TooDeep
     key = id(node)
     if seen.get(key) == -1:  # still being counted: the node contains itself
         raise RecursionError
     if key not in seen:
         seen[key] = -1
         children = node.values() if isinstance(node, dict) else node
-        seen[key] = 1 + sum(_expanded_size(c, seen) for c in children)
+        seen[key] = 1 + sum(_expanded_size(c, seen, depth + 1) for c in children)
     return seen[key]
 
 

@@ -379,12 +379,12 @@ def run(cfg: RewardConfig, *, overwrite: bool = False, log=print) -> Path:
         model.gradient_checkpointing_enable()
     model = apply_reward_lora(model, cfg.model.lora)
     st.log(describe(cfg, model, st.rt, what="reward model on"))
-    report["prefix_sharing"] = {split: task_shared(cfg.prefix_sharing, items)
-                                for split, items in (("train", train), ("eval", evals))}
-    st.run_dir.write_json("data_report.json", report)
     task = PreferenceTask(model, train, evals, tokenizer.pad_token_id,
                           ranked_loss=cfg.ranked_loss, center_rewards=cfg.center_rewards,
                           prefix_sharing=cfg.prefix_sharing)
+    report["prefix_sharing"] = {split: task.shared(items[0]) if items else None
+                                for split, items in task.splits.items()}
+    st.run_dir.write_json("data_report.json", report)
     fresh_head = not _is_saved_reward_model(cfg.model)
     resuming = checkpoint.latest_good(st.run_dir.path / "checkpoints", quiet=True) is not None
     if fresh_head and cfg.head_init == "probe" and not resuming:
@@ -404,12 +404,6 @@ def run(cfg: RewardConfig, *, overwrite: bool = False, log=print) -> Path:
                f"reward {e['eval/reward_mean']:.3f} ± {e['eval/reward_std']:.3f}")
     # merges LoRA; the pad token was made distinct on load
     return end(st, model, tokenizer, result, summary)
-
-
-def task_shared(setting: str, items: list) -> bool | None:
-    """Whether a split's batches are prefix-shared (None for an empty split)."""
-    from alignkit.data.preference import EncodedPair, shares_prefix
-    return shares_prefix(setting, ranked=not isinstance(items[0], EncodedPair)) if items else None
 
 
 def _is_saved_reward_model(cfg: ModelConfig) -> bool:

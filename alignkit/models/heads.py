@@ -226,16 +226,12 @@ def pooled_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     position_ids (B, T), attention_mask (B, 1, T, T) bool, last_index (R,) long
     → (R, H) in the trunk's compute dtype.
     """
+    from alignkit.models.logps import trunk_states
     trunk, _ = split_reward_model(model)
+    hidden = trunk_states(trunk, input_ids, attention_mask, position_ids)  # (B or R, T, H)
     if last_index is None:
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                       use_cache=False).last_hidden_state  # (R, T, H)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return hidden[rows, last_token_index(attention_mask)]
-    from alignkit.models.logps import _attention_bias
-    hidden = trunk(input_ids=input_ids, position_ids=position_ids,
-                   attention_mask=_attention_bias(trunk, attention_mask),
-                   use_cache=False).last_hidden_state  # (B, T, H)
     return hidden.reshape(-1, hidden.shape[-1])[last_index]
 
 

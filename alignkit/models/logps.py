@@ -59,8 +59,7 @@ def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     → SeqLogps of (R,) and (R,).
     """
     trunk, head = split_lm(model)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                   use_cache=False).last_hidden_state  # (R, T, H)
+    hidden = trunk_states(trunk, input_ids, attention_mask)  # (R, T, H)
     positions, labels = shifted_targets(input_ids, loss_mask.bool())  # (R, T), (N,)
     tok = token_logps(head(hidden[positions]), labels)  # (N,) fp32
     # hidden[positions] and labels both enumerate targets in row-major order, so the row of the
@@ -89,13 +88,26 @@ def shared_prefix_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     → SeqLogps of (R,) and (R,).
     """
     trunk, head = split_lm(model)
-    hidden = trunk(input_ids=input_ids, position_ids=position_ids,
-                   attention_mask=_attention_bias(trunk, attention_mask),
-                   use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = trunk_states(trunk, input_ids, attention_mask, position_ids)  # (B, T, H)
     sources = hidden.reshape(-1, hidden.shape[-1])[source_index]  # (N, H)
     tok = token_logps(head(sources), input_ids.reshape(-1)[target_index])  # (N,) fp32
     logps = torch.zeros(n_tokens.shape[0], dtype=tok.dtype, device=tok.device)
     return SeqLogps(logps.index_add(0, target_row, tok), n_tokens)  # (R,), (R,)
+
+
+def trunk_states(trunk: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder trunk's final hidden states for either batch layout: a 2-D padding mask
+    (plain rows), or the prefix-shared layout's 4-D mask (B, 1, T, T) with its position ids,
+    which goes to the attention kernel in the form it takes (:func:`_attention_bias`).
+
+    Shapes: input_ids (B, T) long → (B, T, H) in the trunk's compute dtype.
+    """
+    if attention_mask.dim() == 4:
+        attention_mask = _attention_bias(trunk, attention_mask)
+    extra = {"position_ids": position_ids} if position_ids is not None else {}
+    return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                 **extra).last_hidden_state
 
 
 def _attention_bias(trunk: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:

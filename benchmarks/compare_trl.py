@@ -489,6 +489,8 @@ def _alignkit(spec: dict) -> None:
                        "rollout.batch_size": rl["prompts"] * rl["group"],
                        "ppo_epochs": rl["epochs"], "kl_coef": RL_BETA, "sample_every": 0,
                        "reward_fn": "compare_trl:rl_reward"}
+            if spec.get("device", "cpu") != "cpu":  # the default (1k tokens) suits a CPU only
+                common["rollout.forward_tokens"] = 16384
     cfg = build_config(schema, overrides=common)
     run(cfg, overwrite=True, log=lambda s: print(s, file=sys.stderr, flush=True))
 

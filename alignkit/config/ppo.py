@@ -38,6 +38,10 @@ class RolloutConfig(_Strict):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(16, gt=0)  # generation batch
+    # padded tokens per no-grad forward when the rollout is evaluated (old and reference
+    # log-probs, values): rows go in length-sorted chunks of at most this many (a CPU is
+    # fastest at about 1k; a GPU wants far more)
+    forward_tokens: int = Field(1024, gt=0)
     # subtracted from the score of a response cut at max_new_tokens without EOS
     missing_eos_penalty: float | None = Field(None, ge=0)
 

@@ -45,8 +45,8 @@ from alignkit.errors import AlignkitError, InputError
 from alignkit.losses.advantages import (gae, grpo_advantages, masked_mean, per_token_rewards,
                                         rloo_advantages, whiten)
 from alignkit.losses.kl import kl_estimate
-from alignkit.losses.logprobs import shifted_targets, token_logps
-from alignkit.losses.ppo import entropy_from_logits, explained_variance
+from alignkit.losses.logprobs import shifted_targets
+from alignkit.losses.ppo import explained_variance
 from alignkit.models.lora import adapters_disabled
 from alignkit.models.logps import split_lm
 
@@ -248,22 +248,41 @@ def token_logps_entropy(model, input_ids, attention_mask, response_mask, *, entr
                         entropy_grad: bool = False):
     """log π(x_t | x_<t) at every response token t, and (optionally) the policy's entropy there.
 
-    The LM head and fp32 log-softmax run only on the N positions that predict a response token.
+    The LM head and fp32 log-softmax run only on the N positions that predict a response token,
+    and the log-softmax runs once for both the log-probs and the entropy.
     Shapes: (B, T) each → logps (B, T) fp32 (0 off the mask), entropy (B, T) or None.
     """
     trunk, head = split_lm(model)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
                    use_cache=False).last_hidden_state  # (B, T, H)
     positions, labels = shifted_targets(input_ids, response_mask)  # (B, T), (N,)
-    logits = head(hidden[positions])  # (N, V)
+    logps, ent = logps_entropy(head(hidden[positions]), labels, entropy=entropy,
+                               entropy_grad=entropy_grad)  # (N,), (N,) | None
     target = response_mask.clone()
     target[:, 0] = False  # shifted_targets never targets position 0
-    logps = _scatter(token_logps(logits, labels), target)
-    ent = None
-    if entropy:  # with grad only when an entropy bonus is in the loss (a (N, V) graph otherwise)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent = _scatter(entropy_from_logits(logits if entropy_grad else logits.detach()), target)
-    return logps, ent
+    return _scatter(logps, target), (_scatter(ent, target) if ent is not None else None)
+
+
+def logps_entropy(logits: torch.Tensor, labels: torch.Tensor, *, entropy: bool,
+                  entropy_grad: bool = False):
+    """log p(label) per row and (optionally) the entropy of each row's distribution, from one
+    fp32 log-softmax. The log-probs equal :func:`alignkit.losses.logprobs.token_logps` (the
+    same log-softmax, the label's entry), the entropy
+    :func:`alignkit.losses.ppo.entropy_from_logits`; the entropy
+    carries a gradient only with ``entropy_grad`` (an entropy bonus in the loss), else it is
+    computed from the detached log-softmax, so it adds no (N, V) graph.
+
+    Shapes: logits (N, V), labels (N,) → (N,) fp32, (N,) fp32 or None.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    tok = logp.gather(-1, labels[:, None]).squeeze(-1)  # (N,)
+    if not entropy:
+        return tok, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        src = logp if entropy_grad else logp.detach()
+        # p·log p → 0 as p → 0: drop the −inf entries before the product (0·−inf is NaN).
+        ent = -(src.exp() * src.masked_fill(torch.isneginf(src), 0)).sum(-1)
+    return tok, ent
 
 
 def token_values(critic, input_ids, attention_mask, response_mask) -> torch.Tensor:
@@ -287,6 +306,20 @@ def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     (differentiable)."""
     out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
     return out.masked_scatter(mask, values)
+
+
+def forward_chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Row indices in chunks for no-grad forwards: rows sorted by length (stable), each chunk
+    as many consecutive rows as fit ``max_tokens`` padded tokens (rows × its longest row; at
+    least one row). Every row is in exactly one chunk."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks and (len(chunks[-1]) + 1) * lengths[i] <= max_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
 
 
 @contextlib.contextmanager
@@ -323,26 +356,32 @@ class Models:
 
     @torch.no_grad()
     def forward_all(self, buf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """old_logps, ref_logps, old_values (PPO) and entropy of every buffer row, on the CPU,
-        in chunks of ``rollout.batch_size`` rows trimmed to their longest row."""
+        """old_logps, ref_logps, old_values (PPO) and entropy of every buffer row, on the CPU.
+
+        The rows run in chunks of similar length (:func:`forward_chunks`), each trimmed to its
+        longest row and holding at most ``rollout.forward_tokens`` padded tokens: a few large
+        forwards are slower on a CPU than several of a cache-friendly size (eager attention's
+        (rows, heads, T, T) scores), and sorting by length leaves little padding.
+        """
         n, T = buf["input_ids"].shape
-        out: dict[str, list] = {"old_logps": [], "ref_logps": [], "old_values": [], "entropy": []}
-        step = self.cfg.rollout.batch_size
+        out = {k: torch.zeros(n, T) for k in ("old_logps", "ref_logps", "old_values", "entropy")}
+        lengths = buf["attention_mask"].sum(-1)
         with eval_mode(self.ac.policy, self.ac.critic), self.rt.autocast():
-            for i in range(0, n, step):
-                chunk = {k: v[i:i + step] for k, v in buf.items()}
-                width = int(chunk["attention_mask"].sum(-1).max())
-                ids, attn, resp = (chunk[k][:, :width].to(self.rt.device)
+            for rows in forward_chunks(lengths.tolist(), self.cfg.rollout.forward_tokens):
+                index = torch.tensor(rows)
+                width = int(lengths[index].max())
+                ids, attn, resp = (buf[k][index, :width].to(self.rt.device)
                                    for k in ("input_ids", "attention_mask", "response_mask"))
                 lp, ent = token_logps_entropy(self.policy, ids, attn, resp, entropy=True)
                 with self.reference_ctx() as ref_model:
                     ref, _ = token_logps_entropy(ref_model, ids, attn, resp, entropy=False)
                 vals = (token_values(self.ac.critic, ids, attn, resp)
-                        if self.ac.critic is not None else torch.zeros_like(lp))
+                        if self.ac.critic is not None else None)
                 for k, v in (("old_logps", lp), ("ref_logps", ref), ("old_values", vals),
                              ("entropy", ent)):
-                    out[k].append(torch.nn.functional.pad(v.float().cpu(), (0, T - width)))
-        return {k: torch.cat(v) for k, v in out.items()}
+                    if v is not None:
+                        out[k][index, :width] = v.float().cpu()
+        return out
 
     def reference_ctx(self):
         """The reference model for a block: the frozen copy, or the policy, adapters disabled."""

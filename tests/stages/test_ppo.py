@@ -387,3 +387,78 @@ def test_a_critic_from_the_policy_starts_with_a_zero_value_head():
     critic = _critic(cfg, tiny_model(seed=0), tiny_tokenizer(), Runtime(torch.device("cpu"), None))
     assert torch.count_nonzero(critic.score.weight) == 0
     assert any(torch.count_nonzero(p) for p in critic.model.parameters())  # the trunk is kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating a rollout: chunking and the fused log-softmax change no number
+
+
+@pytest.mark.parametrize("lengths,budget", [([5, 3, 9, 3, 1, 7], 12), ([4] * 5, 4),
+                                            ([2, 8, 6], 1), ([3, 3, 3, 3], 100)])
+def test_forward_chunks_cover_every_row_once_within_the_budget(lengths, budget):
+    chunks = rollout.forward_chunks(lengths, budget)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    flat = [lengths[i] for c in chunks for i in c]
+    assert flat == sorted(lengths)  # length order: little padding
+    for c in chunks:
+        assert len(c) == 1 or len(c) * max(lengths[i] for i in c) <= budget
+    if budget >= len(lengths) * max(lengths):
+        assert len(chunks) == 1
+
+
+def test_fused_logps_and_entropy_equal_the_separate_ones():
+    from alignkit.losses.logprobs import token_logps
+    from alignkit.losses.ppo import entropy_from_logits
+    torch.manual_seed(0)
+    logits = torch.randn(7, 33, dtype=torch.bfloat16).float().requires_grad_()
+    logits.data[2, 5] = -math.inf  # a token the distribution excludes
+    labels = torch.randint(0, 33, (7,))
+    labels[2] = 6
+    lp, ent = rollout.logps_entropy(logits, labels, entropy=True, entropy_grad=True)
+    assert torch.equal(lp, token_logps(logits, labels))  # bit for bit: the same log-softmax
+    assert torch.allclose(ent, entropy_from_logits(logits), atol=1e-6)
+    (g1,) = torch.autograd.grad((lp * 0.3 + ent).sum(), logits)
+    (g2,) = torch.autograd.grad((token_logps(logits, labels) * 0.3
+                                 + entropy_from_logits(logits)).sum(), logits)
+    assert torch.allclose(g1, g2, atol=1e-6)
+    lp2, ent2 = rollout.logps_entropy(logits, labels, entropy=True)  # no entropy gradient
+    assert torch.equal(lp2, lp) and not ent2.requires_grad and lp2.requires_grad
+    assert rollout.logps_entropy(logits, labels, entropy=False)[1] is None
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+def test_rollout_evaluation_does_not_depend_on_its_chunking(algo, tmp_path):
+    """forward_all in length-sorted chunks of any size gives every row the numbers it gets
+    alone; the first rollout's KL is exactly 0 whatever the chunks (policy = reference)."""
+    from alignkit.engine.device import Runtime
+    from alignkit.models.reference import FrozenCopy
+    from alignkit.models.heads import reward_model_from_lm
+    from alignkit.models.tiny import tiny_tokenizer
+    torch.manual_seed(0)
+    policy = tiny_model(seed=2)
+    critic = reward_model_from_lm(tiny_model(seed=3)) if algo == "ppo" else None
+    rows = [[5, 9, 11, 4, 60, 61, 62], [5, 9, 11, 4, 70], [8, 3, 2, 90, 91, 92, 93, 94, 95],
+            [8, 3, 2, 96], [7, 100, 101]]
+    prompt_len = [4, 4, 3, 3, 1]
+    ids, attn = rollout.right_pad(rows, 0)
+    resp = torch.zeros_like(attn, dtype=torch.bool)
+    for i, (r, p) in enumerate(zip(rows, prompt_len)):
+        resp[i, p:len(r)] = True
+    buf = {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+    out = {}
+    for budget in (1, 14, 10_000):
+        cfg = build_config(PPOConfig, overrides={"algo": algo, "reward_fn": "x:y",
+                                                 "rollout.forward_tokens": budget})
+        models = rollout.Models(cfg, ppo.ActorCritic(policy, critic), FrozenCopy(policy),
+                                None, tiny_tokenizer(), Runtime(torch.device("cpu"), None))
+        out[budget] = models.forward_all(buf)
+    for budget in (14, 10_000):
+        for k, v in out[budget].items():
+            assert torch.allclose(v, out[1][k], atol=1e-5), (budget, k)
+    for fwd in out.values():
+        assert torch.equal(fwd["old_logps"], fwd["ref_logps"])
+        assert (fwd["old_logps"][~resp] == 0).all() and (fwd["old_logps"][resp] < 0).all()
+        assert (fwd["entropy"][resp] > 0).all()
+        if algo == "ppo":
+            assert (fwd["old_values"][resp] != 0).all()
+        assert (fwd["old_values"][~resp] == 0).all()

@@ -38,6 +38,9 @@ class RolloutConfig(_Strict):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(16, gt=0)  # generation batch
+    # the attention kernel that samples (training keeps model.attn_implementation): auto = sdpa,
+    # measured 1.4-1.8x faster than eager for a 32-row batch of the 135M model on the CPU
+    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
     # padded tokens per no-grad forward when the rollout is evaluated (old and reference
     # log-probs, values): rows go in length-sorted chunks of at most this many (a CPU is
     # fastest at about 1k; a GPU wants far more)

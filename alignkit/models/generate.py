@@ -44,7 +44,8 @@ class Generation:
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
              stop_token_ids: list[int] | None = None, return_logps: bool = False,
-             autocast_dtype: torch.dtype | None = None) -> list[Generation]:
+             autocast_dtype: torch.dtype | None = None,
+             attn_implementation: str | None = None) -> list[Generation]:
     """Complete each prompt (token ids); results come back in the order of ``prompts``.
 
     ``temperature == 0`` is greedy; otherwise tokens are sampled from softmax(logits / temperature)
@@ -53,6 +54,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
     on ``batch_size`` beyond floating-point noise; samples do (rows share one random stream).
     Stop tokens default to the tokenizer's EOS plus the model's ``generation_config`` EOS ids.
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forwards under ``torch.autocast``.
+    ``attn_implementation`` (e.g. ``"sdpa"``) runs them with that attention kernel, the model's
+    own restored after (kept where the model does not support it).
     The model runs in eval mode (no dropout); each module's train/eval mode is restored after.
     """
     _check_args(prompts, max_new_tokens, temperature, top_p, batch_size)
@@ -67,7 +70,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with autocast:
+        with autocast, attention(model, attn_implementation):
             for start in range(0, len(order), batch_size):
                 index = order[start:start + batch_size]
                 batch = [list(prompts[i]) for i in index]
@@ -82,8 +85,36 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
     return results  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def attention(model, implementation: str | None):
+    """Run a block with another attention kernel (transformers' ``set_attn_implementation``),
+    the model's own restored after. A model that does not support it keeps its own."""
+    base = model.get_base_model() if is_peft(model) else model
+    config = getattr(base, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if implementation is None or current is None or implementation == current:
+        yield
+        return
+    try:
+        base.set_attn_implementation(implementation)
+    except (ValueError, ImportError, AttributeError):  # not supported: the model's own kernel
+        yield
+        return
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(current)
+
+
 class _Sampler:
-    """Picks the next token from fp32 logits: argmax, or a seeded draw from the nucleus."""
+    """Picks the next token from fp32 logits: argmax, or a seeded draw from the nucleus.
+
+    A draw is one uniform number per row mapped through the row's cumulative distribution
+    (inverse CDF, in fp64): an exact categorical sample, with a token of probability 0 never
+    drawn. ``torch.multinomial`` does the same in one call but ran at about 40 ms for a
+    (32, 49152) batch on a 2-core CPU, against about 3 ms here: at 64 tokens that was 2.5 s of
+    every 32-row rollout.
+    """
 
     def __init__(self, temperature: float, top_p: float, generator: torch.Generator) -> None:
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
@@ -94,7 +125,19 @@ class _Sampler:
         probs = torch.softmax(logits / self.temperature, dim=-1)
         if self.top_p < 1.0:
             probs = nucleus(probs, self.top_p)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return sample_categorical(probs, self.generator)
+
+
+def sample_categorical(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index per row, drawn with probability ∝ ``weights`` (non-negative, unnormalised,
+    each row with a positive sum). Shapes: (B, V) -> (B,) long."""
+    cdf = weights.double().cumsum(dim=-1)  # (B, V)
+    u = torch.rand((weights.shape[0], 1), generator=generator, dtype=torch.float64,
+                   device=weights.device)  # (B, 1) in [0, 1)
+    # The first index whose cumulative weight exceeds u·total: a zero-weight token repeats its
+    # predecessor's cumulative weight, so it is never the first to exceed anything.
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    return index.clamp_(max=weights.shape[-1] - 1)  # u·total rounding up to total: ~2⁻⁵³
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -117,8 +160,7 @@ def _generate_batch(model, prompts: list[list[int]], pad_id: int, stops: torch.T
     device = next(model.parameters()).device
     step = _Forward(model)
     input_ids, attention_mask = _left_pad(prompts, pad_id, device)  # (B, L), (B, L)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L) pads at 0, masked anyway
-    logits = step(input_ids, attention_mask, position_ids)  # (B, V) fp32
+    logits = _prefill(step, prompts, input_ids, attention_mask, pad_id)  # (B, V) fp32
     stops = stops.to(device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (B,)
     tokens, logps = [], []
@@ -139,6 +181,31 @@ def _generate_batch(model, prompts: list[list[int]], pad_id: int, stops: torch.T
     # One transfer to the host for the whole batch.
     token_rows = torch.stack(tokens, 1).tolist()
     return token_rows, torch.stack(logps, 1).tolist() if return_logps else None
+
+
+def _prefill(step: "_Forward", prompts: list[list[int]], input_ids: torch.Tensor,
+             attention_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Run the prompts, filling the cache; the last position's logits (B, V).
+
+    A prompt that several rows share (an RL group samples k responses per prompt) runs once:
+    the distinct prompts go through the model, then their cache rows and logits are copied to
+    every row that holds them. Rows that share a prompt then differ only in what they sample.
+    """
+    distinct: dict[tuple[int, ...], int] = {}
+    source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]  # row → distinct
+    if len(distinct) < len(prompts):
+        ids, mask = _left_pad([list(p) for p in distinct], pad_id, input_ids.device)  # (D, L)
+        logits = step(ids, mask, _positions(mask))  # (D, V)
+        index = torch.tensor(source, device=input_ids.device)  # (B,)
+        if step.select_rows(index):
+            return logits[index]
+        step.cache = None  # a cache without row selection: run every row
+    return step(input_ids, attention_mask, _positions(attention_mask))
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: real tokens count from 0; pads sit at 0, masked."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 class _Forward:
@@ -164,6 +231,15 @@ class _Forward:
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else out.past_key_values
         return out.logits[:, -1, :].float()  # log-softmax and sampling in fp32
+
+    def select_rows(self, index: torch.Tensor) -> bool:
+        """Make cache row i a copy of row ``index[i]`` (rows may repeat); False where the cache
+        type cannot (legacy tuples), the cache then unchanged."""
+        select = getattr(self.cache, "batch_select_indices", None)
+        if select is None:
+            return False
+        select(index)
+        return True
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

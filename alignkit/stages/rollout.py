@@ -3,8 +3,10 @@
 One rollout (all under ``no_grad``, models in eval mode):
 
 1. sample ``group_size`` responses for each of its prompts with :func:`alignkit.models.generate.
-   generate` (KV cache, temperature / top-p, stops at EOS), in chunks of ``rollout.batch_size``
-   rows each seeded from the rollout's seed and the chunk's place in the whole rollout;
+   generate` (KV cache, temperature / top-p, stops at EOS; a prompt's cache computed once for
+   its whole group; ``rollout.attn_implementation``, SDPA by default, whatever kernel training
+   uses), in chunks of ``rollout.batch_size`` rows each seeded from the rollout's seed and the
+   chunk's place in the whole rollout;
 2. score each response: a reward model trained by ``alignkit reward`` (token ids reused when it
    shares the policy's vocabulary, else the text re-tokenised with its own tokenizer) or a Python
    function ``reward(prompts, responses) -> list[float]``; then the missing-EOS penalty,
@@ -476,7 +478,9 @@ def _sample(ctx, group: list[Prompt], seed: int, first_row: int):
         gens += generate(ctx.policy, ctx.tokenizer, [p.ids for p in group[i:j]],
                          max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                          top_p=ro.top_p, batch_size=bs, seed=(seed * 1_000_003 + chunk) % 2**63,
-                         autocast_dtype=ctx.rt.autocast_dtype)
+                         autocast_dtype=ctx.rt.autocast_dtype,
+                         attn_implementation=("sdpa" if ro.attn_implementation == "auto"
+                                              else ro.attn_implementation))
         i = j
     return gens
 

@@ -166,7 +166,11 @@ def test_accumulation_matches_one_batch(prompts_file, tmp_path):
     runs = [ppo.run(cfg_for(prompts_file, tmp_path / f"acc{n}", **{"train.grad_accum": n}),
                     **QUIET) for n in (1, 2)]
     a, b = trained(runs[0]), trained(runs[1])
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # The same samples and losses (to 6 digits); Adam at lr 3e-3 turns the last-bit difference
+    # of a summed gradient into up to ~3e-5 on a parameter whose gradient is near 0.
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    losses = [[r["loss"] for r in finite_metrics(run)] for run in runs]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,7 +73,10 @@ def test_two_processes_equal_one_process(runs, stage, parallel):
     assert (two / "DONE").is_file()
     l1, l2 = losses(one), losses(two)
     assert len(l1) == len(l2) == STEPS[stage]
-    assert l2 == pytest.approx(l1, rel=1e-5, abs=1e-7)
+    # Losses are logged to 6 decimals. PPO's rollout evaluation sorts each process's rows into
+    # its own length chunks, so its sums differ in the last bits and a logged loss can move by
+    # one unit of the 6th decimal (measured: 0.083549 vs 0.08355).
+    assert l2 == pytest.approx(l1, rel=1e-5, abs=2e-6 if stage == "ppo" else 1e-7)
     assert l1[-1] != l1[0]  # it trained
     assert_same_weights(weights(one), weights(two))
 

@@ -491,6 +491,8 @@ def _alignkit(spec: dict) -> None:
                        "reward_fn": "compare_trl:rl_reward"}
             if spec.get("device", "cpu") != "cpu":  # the default (1k tokens) suits a CPU only
                 common["rollout.forward_tokens"] = 16384
+    if spec.get("variant") == "compile":
+        common["train.compile"] = True
     cfg = build_config(schema, overrides=common)
     run(cfg, overwrite=True, log=lambda s: print(s, file=sys.stderr, flush=True))
 
@@ -498,7 +500,7 @@ def _alignkit(spec: dict) -> None:
 def _trl(spec: dict) -> None:
     import datasets
     import trl
-    w, best = spec["workload"], spec["variant"] == "best"
+    w, best = spec["workload"], spec["variant"] in ("best", "best-compile")
     cpu = spec.get("device", "cpu") == "cpu"
     rows = [json.loads(x) for x in Path(spec["data"]).read_text(encoding="utf-8").splitlines()]
     ds = datasets.Dataset.from_list(rows)
@@ -524,6 +526,8 @@ def _trl(spec: dict) -> None:
                                               _chat_len(tok, r["prompt"] + r["rejected"]))
                                           for r in rows])
             args["remove_unused_columns"] = False
+    if spec["variant"] == "best-compile":
+        args["torch_compile"] = True
     if w != "rl":
         args["max_length"] = spec["max_length"]
     model = spec["model"]
@@ -699,6 +703,7 @@ def choose_model(args, tmp: Path) -> tuple[Path | None, dict]:
 def configs(args) -> dict[str, list[dict]]:
     """Workload → the runs to alternate."""
     trl_variants = [v for v in args.trl_variants.split(",") if v]
+    mine = [v for v in args.alignkit_variants.split(",") if v]
     out = {}
     for w in args.workloads.split(","):
         if w == "rl":
@@ -708,7 +713,8 @@ def configs(args) -> dict[str, list[dict]]:
                      for a in ("rloo", "grpo") if a in algos or "ppo" in algos
                      for v in trl_variants]
         else:
-            runs = [{"name": "alignkit", "tool": "alignkit"}]
+            runs = [{"name": "alignkit" + ("" if v == "plain" else f"-{v}"), "tool": "alignkit",
+                     "variant": v} for v in mine]
             runs += [{"name": f"trl-{v}", "tool": "trl", "variant": v} for v in trl_variants]
         out[w] = runs
     return out
@@ -815,7 +821,10 @@ def parse_args(argv=None):
     ap.add_argument("--rl-rollouts", type=int, default=3, help="measured rollouts (+1 warm-up)")
     ap.add_argument("--rl-max-prompt-length", type=int, default=128)
     ap.add_argument("--rl-algos", default="ppo,rloo,grpo", help="alignkit's RL algorithms")
-    ap.add_argument("--trl-variants", default="defaults,best")
+    ap.add_argument("--trl-variants", default="defaults,best",
+                    help="defaults, best, best-compile (best + torch_compile)")
+    ap.add_argument("--alignkit-variants", default="plain",
+                    help="plain, compile (train.compile; not for rl)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in every run (default: torch's own choice)")
     ap.add_argument("--quick", action="store_true",
@@ -852,6 +861,15 @@ def parse_args(argv=None):
     if args.gpu:
         ap.set_defaults(**GPU_PRESET)
         args = ap.parse_args(argv)
+    for opt, known in (("trl_variants", {"defaults", "best", "best-compile"}),
+                       ("alignkit_variants", {"plain", "compile"})):
+        bad = sorted(set(getattr(args, opt).split(",")) - known - {""})
+        if bad:
+            ap.error(f"--{opt.replace('_', '-')}: unknown {', '.join(bad)} "
+                     f"(known: {', '.join(sorted(known))})")
+    if "compile" in args.alignkit_variants.split(",") and "rl" in args.workloads.split(","):
+        ap.error("--alignkit-variants compile: rl does not take train.compile "
+                 "(its rollouts generate with the same layers)")
     if args.quick:
         args.steps, args.warmup, args.repeats, args.batch, args.max_length = 2, 1, 1, 2, 96
         args.rl_prompts, args.rl_group, args.rl_new_tokens, args.rl_batch = 2, 2, 8, 4

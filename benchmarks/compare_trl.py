@@ -281,6 +281,9 @@ class Probe:
         self.cuda, self.pending, self.gpu_at_last = device == "cuda", [], None
         register_optimizer_step_post_hook(self._on_step)
         original = modeling_llama.LlamaModel.forward
+        # TRL's torch_compile compiles the whole model, this wrapper included: the count's int()
+        # runs outside the graph (one clean break before the trunk, none inside it).
+        count = torch.compiler.disable(self._count)
 
         def counted(module, *args, **kwargs):
             if torch.is_grad_enabled():
@@ -288,12 +291,12 @@ class Probe:
                 ids = kwargs.get("input_ids", args[0] if args else None)
                 pos = kwargs.get("position_ids")
                 if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                    self._count(mask.sum())
+                    count(mask.sum())
                 elif isinstance(mask, torch.Tensor) and isinstance(pos, torch.Tensor):
                     # alignkit's prefix-shared rows (4-D mask): padding sits at position 0
                     # after the first column, so the real tokens are the column-0 token of
                     # each row and every position > 0.
-                    self._count((pos > 0).sum() + pos.shape[0])
+                    count((pos > 0).sum() + pos.shape[0])
                 elif ids is not None:  # padding-free: no mask, no pad
                     self.tokens += ids.numel()
             return original(module, *args, **kwargs)

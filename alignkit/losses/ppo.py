@@ -103,10 +103,17 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
     Shapes: logits (…, V) → (…,) float32.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
+    return entropy_from_logp(torch.log_softmax(logits.float(), dim=-1))
+
+
+def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy −Σ_v p_v log p_v of a distribution given as log-probabilities (a log-softmax);
+    entries at −inf (p = 0) contribute 0, in the value and the gradient.
+
+    Shapes: logp (…, V) → (…,) in logp's dtype.
+    """
     # 0·(−inf) is NaN; p·log p → 0 as p → 0, so drop those terms before the product.
-    return -(p * logp.masked_fill(torch.isneginf(logp), 0)).sum(-1)
+    return -(logp.exp() * logp.masked_fill(torch.isneginf(logp), 0)).sum(-1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor,

@@ -48,7 +48,7 @@ from alignkit.losses.advantages import (gae, grpo_advantages, masked_mean, per_t
                                         rloo_advantages, whiten)
 from alignkit.losses.kl import kl_estimate
 from alignkit.losses.logprobs import shifted_targets
-from alignkit.losses.ppo import explained_variance
+from alignkit.losses.ppo import entropy_from_logp, explained_variance
 from alignkit.models.lora import adapters_disabled
 from alignkit.models.logps import split_lm
 
@@ -281,9 +281,7 @@ def logps_entropy(logits: torch.Tensor, labels: torch.Tensor, *, entropy: bool,
     if not entropy:
         return tok, None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        src = logp if entropy_grad else logp.detach()
-        # p·log p → 0 as p → 0: drop the −inf entries before the product (0·−inf is NaN).
-        ent = -(src.exp() * src.masked_fill(torch.isneginf(src), 0)).sum(-1)
+        ent = entropy_from_logp(logp if entropy_grad else logp.detach())
     return tok, ent
 
 

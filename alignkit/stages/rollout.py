@@ -270,9 +270,9 @@ def logps_entropy(logits: torch.Tensor, labels: torch.Tensor, *, entropy: bool,
     """log p(label) per row and (optionally) the entropy of each row's distribution, from one
     fp32 log-softmax. The log-probs equal :func:`alignkit.losses.logprobs.token_logps` (the
     same log-softmax, the label's entry), the entropy
-    :func:`alignkit.losses.ppo.entropy_from_logits`; the entropy
-    carries a gradient only with ``entropy_grad`` (an entropy bonus in the loss), else it is
-    computed from the detached log-softmax, so it adds no (N, V) graph.
+    :func:`alignkit.losses.ppo.entropy_from_logits`. The entropy carries a gradient only with
+    ``entropy_grad`` (an entropy bonus in the loss), else it is computed from the detached
+    log-softmax, so it adds no (N, V) graph.
 
     Shapes: logits (N, V), labels (N,) → (N,) fp32, (N,) fp32 or None.
     """

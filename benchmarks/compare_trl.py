@@ -711,7 +711,8 @@ def configs(args) -> dict[str, list[dict]]:
     for w in args.workloads.split(","):
         if w == "rl":
             algos = [a for a in args.rl_algos.split(",") if a]
-            runs = [{"name": f"alignkit-{a}", "tool": "alignkit", "algo": a} for a in algos]
+            runs = [{"name": f"alignkit-{a}" + ("" if v == "plain" else f"-{v}"),
+                     "tool": "alignkit", "algo": a, "variant": v} for a in algos for v in mine]
             runs += [{"name": f"trl-{a}-{v}", "tool": "trl", "algo": a, "variant": v}
                      for a in ("rloo", "grpo") if a in algos or "ppo" in algos
                      for v in trl_variants]
@@ -730,7 +731,7 @@ def ratio_pairs(workload: str, names: list[str]) -> list[tuple[str, str]]:
         return [(a, t) for a in mine for t in theirs]
     # RL: the same algorithm where TRL has it; PPO against both TRL algorithms.
     return [(a, t) for a in mine for t in theirs
-            if a.endswith("-ppo") or t.split("-")[1] == a.split("-")[1]]
+            if a.split("-")[1] in ("ppo", t.split("-")[1])]
 
 
 def spread(xs: list[float], fmt: str = "{:.1f}") -> str:
@@ -827,7 +828,7 @@ def parse_args(argv=None):
     ap.add_argument("--trl-variants", default="defaults,best",
                     help="defaults, best, best-compile (best + torch_compile)")
     ap.add_argument("--alignkit-variants", default="plain",
-                    help="plain, compile (train.compile; not for rl)")
+                    help="plain, compile (train.compile)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in every run (default: torch's own choice)")
     ap.add_argument("--quick", action="store_true",
@@ -870,9 +871,6 @@ def parse_args(argv=None):
         if bad:
             ap.error(f"--{opt.replace('_', '-')}: unknown {', '.join(bad)} "
                      f"(known: {', '.join(sorted(known))})")
-    if "compile" in args.alignkit_variants.split(",") and "rl" in args.workloads.split(","):
-        ap.error("--alignkit-variants compile: rl does not take train.compile "
-                 "(its rollouts generate with the same layers)")
     if args.quick:
         args.steps, args.warmup, args.repeats, args.batch, args.max_length = 2, 1, 1, 2, 96
         args.rl_prompts, args.rl_group, args.rl_new_tokens, args.rl_batch = 2, 2, 8, 4

@@ -114,9 +114,6 @@ class PPOConfig(_Strict):
             raise ValueError("grpo keeps β fixed (kl_coef); kl_target is for ppo and rloo")
         if self.critic_init == "reward" and self.reward_model is None and self.algo == "ppo":
             raise ValueError("critic_init reward needs a reward_model")
-        if self.train.compile:
-            raise ValueError("train.compile is not available for ppo: its rollouts generate "
-                             "with the same layers (KV cache, one token at a time)")
         return self
 
     @property

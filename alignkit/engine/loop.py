@@ -11,6 +11,7 @@ equal one rank with the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -194,6 +195,23 @@ def uncompile(layers: Sequence[torch.nn.Module]) -> None:
     """Undo :func:`compile_layers`: the layers run eagerly again."""
     for layer in layers:
         layer._compiled_call_impl = None
+
+
+@contextlib.contextmanager
+def eager(model: torch.nn.Module):
+    """Run a block with every in-place compiled module of ``model`` eager (as
+    :func:`compile_layers` left them, compiled again after). Sampling needs it: a decoding step
+    feeds one token and a growing KV cache, shapes and cache objects a training graph would
+    recompile for, and on a CPU a compiled decoding step ran slower than the eager one."""
+    stashed = [(m, m._compiled_call_impl) for m in model.modules()
+               if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in stashed:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in stashed:
+            m._compiled_call_impl = impl
 
 
 def _train(task: Task, model: torch.nn.Module, net, optimizer, order: "_Order",

@@ -60,7 +60,7 @@ import torch
 
 from alignkit.config.ppo import PPOConfig
 from alignkit.engine import checkpoint, dist, guards, sharded
-from alignkit.engine.loop import Batch, fit
+from alignkit.engine.loop import Batch, compile_layers, fit, uncompile
 from alignkit.errors import AlignkitError
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController
 from alignkit.losses.ppo import grpo_loss, policy_loss, value_loss
@@ -438,8 +438,15 @@ def run(cfg: PPOConfig, *, overwrite: bool = False, log=print) -> Path:
         train = train.model_copy(update={"max_steps": rollouts * task.per_rollout})
     ck = checkpoint.latest_good(st.run_dir.path / "checkpoints", quiet=True)
     task.resume(ck.step if ck is not None else 0)
-    result = fit(task, ac, train, st.rt, output=st.run_dir.path, log=st.log,
-                 lr_groups=critic_lr_groups(critic, cfg))
+    # train.compile: fit compiles the policy's and critic's layers; the frozen copy's forwards
+    # (the reference log-probs of every rollout) reuse the no-grad graph of the same layer code.
+    frozen = (compile_layers(reference.model, lambda *_: None)
+              if train.compile and isinstance(reference, FrozenCopy) else [])
+    try:
+        result = fit(task, ac, train, st.rt, output=st.run_dir.path, log=st.log,
+                     lr_groups=critic_lr_groups(critic, cfg))
+    finally:
+        uncompile(frozen)
     if critic is not None:
         from alignkit.models.heads import save_reward_model
         critic = sharded.gathered(critic)  # FSDP: every rank sends its shards to rank 0

@@ -466,20 +466,24 @@ def make_rollout(ctx, prompts: list[Prompt], *, beta: float, seed: int,
 
 def _sample(ctx, group: list[Prompt], seed: int, first_row: int):
     """Generations for ``group`` (rows ``first_row``… of the whole rollout), one ``generate``
-    call per chunk of ``rollout.batch_size`` rollout rows, chunk c seeded from (seed, c)."""
+    call per chunk of ``rollout.batch_size`` rollout rows, chunk c seeded from (seed, c).
+    Under ``train.compile`` the layers sample eagerly: their graphs serve the full forwards."""
+    from alignkit.engine.loop import eager
     from alignkit.models.generate import generate
     ro, bs = ctx.cfg.rollout, ctx.cfg.rollout.batch_size
     gens, i = [], 0
-    while i < len(group):
-        chunk = (first_row + i) // bs
-        j = min(len(group), (chunk + 1) * bs - first_row)
-        gens += generate(ctx.policy, ctx.tokenizer, [p.ids for p in group[i:j]],
-                         max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                         top_p=ro.top_p, batch_size=bs, seed=(seed * 1_000_003 + chunk) % 2**63,
-                         autocast_dtype=ctx.rt.autocast_dtype,
-                         attn_implementation=("sdpa" if ro.attn_implementation == "auto"
-                                              else ro.attn_implementation))
-        i = j
+    with eager(ctx.policy):
+        while i < len(group):
+            chunk = (first_row + i) // bs
+            j = min(len(group), (chunk + 1) * bs - first_row)
+            gens += generate(ctx.policy, ctx.tokenizer, [p.ids for p in group[i:j]],
+                             max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                             top_p=ro.top_p, batch_size=bs,
+                             seed=(seed * 1_000_003 + chunk) % 2**63,
+                             autocast_dtype=ctx.rt.autocast_dtype,
+                             attn_implementation=("sdpa" if ro.attn_implementation == "auto"
+                                                  else ro.attn_implementation))
+            i = j
     return gens
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from alignkit.config.load import build_config
 from alignkit.config.ppo import PPOConfig
+from alignkit.engine.loop import cxx_compiler
 from alignkit.engine.metrics import read_metrics
 from alignkit.errors import AlignkitError
 from alignkit.models.tiny import tiny_model
@@ -173,6 +174,50 @@ def test_accumulation_matches_one_batch(prompts_file, tmp_path):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
+@pytest.mark.skipif(cxx_compiler() is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_layers_train_like_eager_and_sample_eagerly(prompts_file, reward_dir,
+                                                             tmp_path, spy, monkeypatch):
+    """train.compile with PPO: the policy's, critic's and reference's layers run compiled in the
+    full forwards (rollout evaluation and updates) and eagerly while sampling; the samples,
+    rollout statistics and losses equal the eager run's within fp32 kernel rounding, and every
+    layer is eager again after the run."""
+    from torch._dynamo.utils import counters
+    from alignkit.models import generate as gen_module
+    real_generate = gen_module.generate
+    compiled_while_sampling = []
+
+    def generate(model, *a, **k):
+        compiled_while_sampling.append(any(getattr(m, "_compiled_call_impl", None) is not None
+                                           for m in model.modules()))
+        return real_generate(model, *a, **k)
+
+    monkeypatch.setattr(gen_module, "generate", generate)
+    over = {"reward_fn": None, "reward_model": str(reward_dir)}
+    eager = ppo.run(cfg_for(prompts_file, tmp_path / "eager", **over), **QUIET)
+    counters.clear()
+    comp = ppo.run(cfg_for(prompts_file, tmp_path / "compiled", **over,
+                           **{"train.compile": True}), **QUIET)
+    assert counters["stats"]["unique_graphs"] >= 2  # a training and a no-grad graph
+    assert compiled_while_sampling and not any(compiled_while_sampling)
+    models = spy[1]
+    for model in (models.policy, models.ac.critic, models.reference.model):
+        assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
+    a, b = rollouts(eager), rollouts(comp)
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("score", "response_length", "kl", "entropy", "total_reward"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+    assert b[0]["kl"] == 0.0  # policy and reference run the same graph on the same weights
+    ma, mb = finite_metrics(eager), finite_metrics(comp)
+    for key in ("loss", "policy_loss", "value_loss", "ratio"):
+        assert [r[key] for r in mb] == pytest.approx([r[key] for r in ma], rel=1e-4, abs=1e-6)
+    assert mb[0]["ratio"] == pytest.approx(1.0, abs=1e-6)
+    wa, wb = trained(eager), trained(comp)
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume, adaptive β, early stop
 
@@ -326,8 +371,7 @@ def test_config_validation():
         build_config(PPOConfig, overrides={"algo": "grpo", "kl_estimator": "k1"})
     with pytest.raises(AlignkitError, match="not both"):
         build_config(PPOConfig, overrides={"reward_fn": "a:b", "reward_model": "x"})
-    with pytest.raises(AlignkitError, match="train.compile is not available for ppo"):
-        build_config(PPOConfig, overrides={"train.compile": True})
+    assert build_config(PPOConfig, overrides={"train.compile": True}).train.compile
     assert build_config(PPOConfig, overrides={"algo": "grpo"}).group_k == 4
     # a train.* override keeps RLHF's own defaults for the other train keys
     train = build_config(PPOConfig, overrides={"train.max_steps": 3}).train

@@ -17,8 +17,10 @@ Workloads (data from ``../shared/data``, read-only; a workload whose data is mis
 Same for every run of a workload: the model (the embedded SmolLM2-135M-Instruct folder, fp32
 weights, full fine-tuning), the data file (written once per benchmark, one file both tools read:
 TRL's conversational format, which alignkit reads too), the tokenizer's chat template, the batch
-(no accumulation), the maximum length, bf16 autocast (alignkit ``precision bf16``, TRL
-``bf16=True``: fp32 master weights both), the number of optimizer steps, the torch threads and the
+(no accumulation), the maximum length, the precision (``--precision``; auto: bf16 autocast
+where the hardware is fast at it — a GPU, a CPU with AMX or AVX512-BF16 — else fp32; bf16 is
+alignkit ``precision bf16`` and TRL ``bf16=True``, fp32 master weights both; fp32 is alignkit
+``precision fp32`` and TRL ``bf16=False``), the number of optimizer steps, the torch threads and the
 seed (repeat r uses seed r for every run). Examples longer than the maximum length are filtered
 out when the data file is written, so neither tool truncates and both train on the same tokens.
 
@@ -32,8 +34,9 @@ the end of the last step: model loading, tokenisation, alignkit's reward-head pr
 tools' reference log-prob precompute happen before it and are excluded for both tools; warm-up
 steps (``--warmup``; RL: the first rollout and its updates) are excluded too. Peak memory is
 the process's peak resident set (``VmHWM``) read at its last optimizer step, so it includes
-loading and the precompute but not alignkit's final save. MFU = model FLOPs/s ÷ the bf16 matmul
-rate measured at the start (the best of a few large bf16 matmuls on the same threads):
+loading and the precompute but not alignkit's final save. MFU = model FLOPs/s ÷ the matmul rate
+measured at the start in the run's precision (the best of a few large products on the same
+threads):
 6·N per trained token (N: parameters, tied embeddings once; the reward model's N leaves out the
 unused LM head); RL: (2 generation + 2 reference + 6·updates)·N per sampled token (prompt and
 completion), the critic of PPO not counted. The usual approximation: attention's T² term is
@@ -390,7 +393,8 @@ def child(spec: dict) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     if spec["tool"] == "peak":
-        print(RESULT_TAG + json.dumps(matmul_peak(spec["sizes"], spec.get("device", "cpu"))),
+        print(RESULT_TAG + json.dumps(matmul_peak(spec["sizes"], spec.get("device", "cpu"),
+                                                  spec.get("precision", "bf16"))),
               flush=True)
         return
     sys.path.insert(0, str(HERE))  # alignkit imports the reward function as compare_trl:rl_reward
@@ -408,15 +412,17 @@ def child(spec: dict) -> None:
     print(RESULT_TAG + json.dumps(out), flush=True)
 
 
-def matmul_peak(sizes: list[int], device: str = "cpu") -> dict:
-    """Best bf16 matmul rate over a few large square products (TFLOP/s)."""
+def matmul_peak(sizes: list[int], device: str = "cpu", precision: str = "bf16") -> dict:
+    """Best matmul rate in ``precision`` (bf16 or fp32) over a few large square products
+    (TFLOP/s)."""
     import torch
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if device == "cuda":
-        return matmul_peak_cuda(sizes)
+        return matmul_peak_cuda(sizes, dtype=dtype)
     best = {}
     for n in sizes:
-        a = torch.randn(n, n, dtype=torch.bfloat16)
-        b = torch.randn(n, n, dtype=torch.bfloat16)
+        a = torch.randn(n, n, dtype=dtype)
+        b = torch.randn(n, n, dtype=dtype)
         a @ b  # warm-up: oneDNN picks its kernel
         rates = []
         for _ in range(5):
@@ -427,14 +433,16 @@ def matmul_peak(sizes: list[int], device: str = "cpu") -> dict:
     return {"tflops": max(best.values()), "by_size": best, "threads": torch.get_num_threads()}
 
 
-def matmul_peak_cuda(sizes: list[int], reps: int = 10) -> dict:
-    """The GPU's best bf16 matmul rate: ``reps`` products between synchronisations, best of 5."""
+def matmul_peak_cuda(sizes: list[int], reps: int = 10, dtype=None) -> dict:
+    """The GPU's best matmul rate in ``dtype`` (bf16 by default): ``reps`` products between
+    synchronisations, best of 5."""
     import torch
+    dtype = dtype or torch.bfloat16
     best = {}
     for n in sizes:
-        a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-        b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-        c = torch.empty(n, n, dtype=torch.bfloat16, device="cuda")
+        a = torch.randn(n, n, dtype=dtype, device="cuda")
+        b = torch.randn(n, n, dtype=dtype, device="cuda")
+        c = torch.empty(n, n, dtype=dtype, device="cuda")
         for _ in range(3):  # warm-up: cuBLAS handle, kernel choice, clocks up
             torch.matmul(a, b, out=c)
         torch.cuda.synchronize()
@@ -459,7 +467,7 @@ def _alignkit(spec: dict) -> None:
     w = spec["workload"]
     common = {"output": spec["out"], "data.path": spec["data"], "data.template": "chat",
               "train.max_steps": spec["total_steps"], "train.batch_size": spec["batch"],
-              "train.grad_accum": 1, "train.precision": "bf16",
+              "train.grad_accum": 1, "train.precision": spec.get("precision", "bf16"),
               "train.device": spec.get("device", "cpu"),
               "train.seed": spec["seed"], "train.progress": False}
     if spec.get("custom_model"):  # otherwise alignkit's default: the embedded model
@@ -509,7 +517,8 @@ def _trl(spec: dict) -> None:
     ds = datasets.Dataset.from_list(rows)
     args = dict(output_dir=spec["out"], max_steps=spec["total_steps"],
                 per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
-                bf16=True, report_to="none", save_strategy="no",
+                bf16=spec.get("precision", "bf16") == "bf16", report_to="none",
+                save_strategy="no",
                 seed=spec["seed"], data_seed=spec["seed"], disable_tqdm=True)
     if cpu:
         args["use_cpu"] = True
@@ -742,13 +751,14 @@ def spread(xs: list[float], fmt: str = "{:.1f}") -> str:
                               if len(xs) > 1 else "")
 
 
-def summarise(results: dict, peak: float, where: str = "") -> tuple[str, dict]:
+def summarise(results: dict, peak: float, where: str = "", precision: str = "bf16"
+              ) -> tuple[str, dict]:
     lines, summary = [], {}
     # On a GPU: a peak GPU memory column and ratio (max_memory_allocated at the last step).
     gpu = any("gpu_mib" in r for runs in results.values() for reps in runs.values()
               for r in reps)
     g_head, g_rule, g_none = (" peak GPU MiB |", " --- |", " |") if gpu else ("", "", "")
-    lines.append(f"bf16 matmul peak: {peak:.2f} TFLOP/s{where}\n")
+    lines.append(f"{precision} matmul peak: {peak:.2f} TFLOP/s{where}\n")
     lines.append(f"| workload | run | units/s | tokens/s | peak RSS MiB |{g_head} MFU % | "
                  "window s |")
     lines.append(f"| --- | --- | --- | --- | --- |{g_rule} --- | --- |")
@@ -804,6 +814,7 @@ def machine() -> dict:
                platform.processor())
     flags = Path("/proc/cpuinfo").read_text()
     return {"cpu": cpu, "cores": os.cpu_count(), "amx_bf16": "amx_bf16" in flags,
+            "avx512_bf16": "avx512_bf16" in flags,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__, "python": platform.python_version()}
 
@@ -829,6 +840,9 @@ def parse_args(argv=None):
                     help="defaults, best, best-compile (best + torch_compile)")
     ap.add_argument("--alignkit-variants", default="plain",
                     help="plain, compile (train.compile)")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="both tools: bf16 autocast or fp32 (auto: bf16 on a GPU or a CPU with "
+                         "AMX or AVX512-BF16, where it is fast; fp32 elsewhere)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in every run (default: torch's own choice)")
     ap.add_argument("--quick", action="store_true",
@@ -875,7 +889,19 @@ def parse_args(argv=None):
         args.steps, args.warmup, args.repeats, args.batch, args.max_length = 2, 1, 1, 2, 96
         args.rl_prompts, args.rl_group, args.rl_new_tokens, args.rl_batch = 2, 2, 8, 4
         args.rl_rollouts, args.rl_max_prompt_length = 1, 64
+    if args.precision == "auto" and not args.child:
+        args.precision = resolve_precision(args.device)
     return args
+
+
+def resolve_precision(device: str) -> str:
+    """``--precision auto``: bf16 on a GPU, and on a CPU where alignkit's own ``precision auto``
+    picks it (AMX or AVX512-BF16); fp32 on other CPUs, where bf16 matmuls are emulated (measured
+    on an AVX2-only AMD EPYC: 0.9 GFLOP/s in bf16 against 105 in fp32)."""
+    if device == "cuda":
+        return "bf16"
+    from alignkit.engine.device import resolve_runtime
+    return "bf16" if resolve_runtime("cpu", "auto").autocast_dtype is not None else "fp32"
 
 
 def _pool_sizes(args) -> dict[str, int]:
@@ -981,7 +1007,8 @@ def main(argv=None) -> None:
               flush=True)
         sizes = ([2048] if args.quick else [4096, 8192]) if args.device == "cuda" else (
             [1024] if args.quick else [2048, 4096])
-        peak_spec = {"tool": "peak", "threads": args.threads, "sizes": sizes}
+        peak_spec = {"tool": "peak", "threads": args.threads, "sizes": sizes,
+                     "precision": args.precision}
         if args.device != "cpu":
             peak_spec["device"] = args.device
         peak = run_child(peak_spec, logs / "peak.log", tmp)
@@ -990,11 +1017,11 @@ def main(argv=None) -> None:
         where = f" on {peak['gpu']['name']}" if "gpu" in peak else ""
         if "gpu" in peak:
             info["gpu"] = peak["gpu"]
-        print(f"bf16 matmul peak: {peak['tflops']:.2f} TFLOP/s{where} "
+        print(f"{args.precision} matmul peak: {peak['tflops']:.2f} TFLOP/s{where} "
               f"({peak['threads']} threads)", flush=True)
         tok = _tokenizer()
         steps_per_rollout = args.rl_epochs * args.rl_prompts * args.rl_group // args.rl_batch
-        base = {"model": meta["path"], "threads": args.threads}
+        base = {"model": meta["path"], "threads": args.threads, "precision": args.precision}
         if args.device != "cpu":
             base["device"] = args.device
         if folder is not None:
@@ -1069,7 +1096,7 @@ def main(argv=None) -> None:
         if skipped:
             print(f"--budget-s {args.budget_s:.0f} reached: {len(skipped)} runs not started "
                   f"({', '.join(skipped)})", flush=True)
-    table, summary = summarise(results, peak["tflops"], where)
+    table, summary = summarise(results, peak["tflops"], where, args.precision)
     print("\n" + table)
     out = Path(args.output) if args.output else RESULTS / f"compare_trl-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

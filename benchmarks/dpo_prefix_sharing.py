@@ -8,7 +8,8 @@ The pairs are the first ``--pairs × --batches`` that DPO keeps of HH-RLHF
 loaded and tokenised by DPO's own code (:func:`alignkit.stages.dpo.preference_rows`: chat
 template, ``--max-length``, truncate_left), in data order. One measurement is a
 forward+backward of DPO's loss module (sigmoid, a precomputed reference of zeros: the policy
-forward is all that runs, as in training) over every batch, under bf16 autocast, full
+forward is all that runs, as in training) over every batch, under bf16 autocast where the
+hardware is fast at it (alignkit's ``precision auto``; fp32 elsewhere), full
 fine-tuning of the model loaded by :func:`alignkit.models.load.load_causal_lm` (default: the
 embedded model; ``tiny``: the random test model) with the attention alignkit picks for the device.
 Plain (2B rows prompt + reply) and shared (B rows ``[prompt | chosen | rejected]``) alternate,
@@ -76,15 +77,16 @@ def positions(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].numel()
 
 
-def one_pass(loss_module, model, data: list[dict[str, torch.Tensor]]) -> float:
-    """Seconds for forward+backward over every batch."""
+def one_pass(loss_module, model, data: list[dict[str, torch.Tensor]],
+             dtype: torch.dtype | None) -> float:
+    """Seconds for forward+backward over every batch (``dtype``: autocast, None: fp32)."""
     device = data[0]["input_ids"].device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for inputs in data:
         model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             loss, _ = loss_module(**inputs)
         loss.backward()
     sync()
@@ -107,10 +109,12 @@ def main() -> None:
         return
     model, layouts = loaded
     from alignkit.config.schema import DPOConfig
+    from alignkit.engine.device import resolve_runtime
     from alignkit.models.reference import Precomputed
     from alignkit.stages.dpo import PairDPOLoss
 
     device = next(model.parameters()).device
+    dtype = resolve_runtime(device.type).autocast_dtype
     loss_module = PairDPOLoss(model, Precomputed({}), DPOConfig())
     data = {name: batches(rows, args.pairs, args.batches, device)
             for name, rows in layouts.items()}
@@ -122,14 +126,14 @@ def main() -> None:
     padded = {name: sum(map(positions, d)) / n_pairs for name, d in data.items()}
     attn = model.config._attn_implementation
     print(f"{n_pairs} pairs ({len(data['plain'])} batches of {args.pairs}), {device.type}, "
-          f"bf16 autocast, {attn} attention, {torch.get_num_threads()} threads", flush=True)
+          f"{'bf16 autocast' if dtype else 'fp32'}, {attn} attention, {torch.get_num_threads()} threads", flush=True)
     for name in LAYOUTS:  # warm-up: allocator, kernels, lazy init
-        one_pass(loss_module, model, data[name])
+        one_pass(loss_module, model, data[name], dtype)
     rates: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     for r in range(args.repeats):
         order = LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]
         for name in order:
-            rates[name].append(n_pairs / one_pass(loss_module, model, data[name]))
+            rates[name].append(n_pairs / one_pass(loss_module, model, data[name], dtype))
         print(f"repeat {r + 1}: " + ", ".join(f"{n} {rates[n][-1]:.2f} pairs/s" for n in LAYOUTS),
               flush=True)
     ratios = [s / p for s, p in zip(rates["shared"], rates["plain"])]

@@ -129,8 +129,9 @@ class TrainConfig(_Strict):
     # SmolLM2-135M, bf16: 1.25x the forward+backward tokens/s after ~45 s of compilation
     # (benchmarks/compile_check.py); whole steps 1.22x (SFT, DPO) to 1.34x (reward) with a
     # fifth less peak memory (compare_trl.py), so it pays for runs of more than a few
-    # minutes. Needs a C++ compiler on the CPU; ppo (generation runs the same layers) does not
-    # take it.
+    # minutes. Needs a C++ compiler on the CPU. ppo: the policy's, critic's and reference's
+    # layers run compiled in the full forwards (updates, rollout evaluation), eagerly while
+    # sampling one token at a time.
     compile: bool = False
 
     @model_validator(mode="after")

@@ -126,7 +126,8 @@ def main() -> None:
     padded = {name: sum(map(positions, d)) / n_pairs for name, d in data.items()}
     attn = model.config._attn_implementation
     print(f"{n_pairs} pairs ({len(data['plain'])} batches of {args.pairs}), {device.type}, "
-          f"{'bf16 autocast' if dtype else 'fp32'}, {attn} attention, {torch.get_num_threads()} threads", flush=True)
+          f"{'bf16 autocast' if dtype else 'fp32'}, {attn} attention, "
+          f"{torch.get_num_threads()} threads", flush=True)
     for name in LAYOUTS:  # warm-up: allocator, kernels, lazy init
         one_pass(loss_module, model, data[name], dtype)
     rates: dict[str, list[float]] = {name: [] for name in LAYOUTS}

@@ -85,6 +85,13 @@ class PPOConfig(_Strict):
     lam: float = Field(0.95, ge=0, le=1)
     whiten_advantages: bool = True  # ppo only
     target_kl: float | None = Field(None, gt=0)  # stop a rollout's updates past this approx KL
+    # padded tokens per forward in an update: a minibatch's rows go through the policy (and the
+    # critic) in length-sorted chunks of at most this many, one loss and one backward over all
+    # (the same gradient, less work on padding: rollout rows differ in prompt and response
+    # length). null = auto: 512 on a CPU (an 8-row minibatch of HH prompts + 64 sampled tokens:
+    # padded tokens 1.33x the real ones whole, 1.08x in chunks; an update 1.10x faster measured
+    # in fp32), the whole minibatch in one forward on a GPU.
+    update_forward_tokens: int | None = Field(None, gt=0)
     # critic (ppo): auto = from the reward model when there is one (InstructGPT), else the policy
     critic_init: Literal["auto", "reward", "policy"] = "auto"
     # Peak learning rates of the critic's trunk (null: train.lr) and of its value head. The head

@@ -66,8 +66,8 @@ from alignkit.losses.kl import AdaptiveKLController, FixedKLController
 from alignkit.losses.ppo import grpo_loss, policy_loss, value_loss
 from alignkit.stages.common import begin, describe, end
 from alignkit.stages.rollout import (Models, Prompt, RewardFunction, RewardModelScorer,
-                                     eval_mode, load_prompts, make_rollout, token_logps_entropy,
-                                     token_values)
+                                     by_chunks, eval_mode, forward_chunks, load_prompts,
+                                     make_rollout, token_logps_entropy, token_values)
 
 class ActorCritic(torch.nn.Module):
     """What trains: the policy LM and (PPO) the critic, a one-output value head on a trunk."""
@@ -89,9 +89,10 @@ class PPOLoss(torch.nn.Module):
     def forward(self, input_ids, attention_mask, response_mask, old_logps, ref_logps,
                 advantages=None, returns=None, old_values=None, seq_advantages=None):
         cfg, resp = self.cfg, response_mask
+        forward = self._chunked(input_ids, attention_mask, resp)
         with eval_mode(self.ac.policy, self.ac.critic):  # no dropout: see the module docstring
-            logps, ent = token_logps_entropy(self.ac.policy, input_ids, attention_mask, resp,
-                                             entropy=True, entropy_grad=cfg.entropy_coef > 0)
+            logps, ent = forward(lambda i, a, r: token_logps_entropy(
+                self.ac.policy, i, a, r, entropy=True, entropy_grad=cfg.entropy_coef > 0))
             if cfg.algo == "grpo":
                 out = grpo_loss(logps, old_logps, ref_logps, seq_advantages, resp,
                                 clip_eps=cfg.clip_eps, beta=cfg.kl_coef)
@@ -102,7 +103,7 @@ class PPOLoss(torch.nn.Module):
             losses = out.losses
             metrics["policy_loss"] = out.losses.detach().sum()
             if cfg.algo == "ppo":
-                values = token_values(self.ac.critic, input_ids, attention_mask, resp)
+                (values,) = forward(lambda i, a, r: (token_values(self.ac.critic, i, a, r),))
                 vl = value_loss(values, old_values, returns, resp, clip_eps=cfg.value_clip_eps)
                 losses = losses + cfg.vf_coef * vl.losses
                 metrics |= {"value_loss": vl.losses.detach().sum(),
@@ -116,6 +117,22 @@ class PPOLoss(torch.nn.Module):
         if self.observe_kl is not None:
             self.observe_kl(approx_kl.sum(), resp.sum())
         return losses.sum(), metrics
+
+    def _chunked(self, input_ids, attention_mask, response_mask):
+        """``forward(fn)``: ``fn(ids, attn, resp)`` on the whole minibatch, or on length-sorted
+        chunks of at most ``update_forward_tokens`` padded tokens put back in row order
+        (:func:`alignkit.stages.rollout.by_chunks`)."""
+        budget = self.cfg.update_forward_tokens
+        if budget is None and input_ids.device.type == "cpu":
+            budget = 512
+        chunks = lengths = None
+        if budget is not None:
+            lengths = attention_mask.sum(-1).tolist()  # the host's own tensor on a CPU
+            chunks = forward_chunks(lengths, budget)
+        if chunks is None or len(chunks) == 1:
+            return lambda fn: fn(input_ids, attention_mask, response_mask)
+        return lambda fn: by_chunks(fn, chunks, lengths, input_ids, attention_mask,
+                                    response_mask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -322,6 +322,35 @@ def forward_chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return chunks
 
 
+def by_chunks(fn, chunks: list[list[int]], lengths: list[int], input_ids: torch.Tensor,
+              attention_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple:
+    """``fn(ids, attn, resp)`` run on each chunk of rows (a list of row indices, as
+    :func:`forward_chunks` makes them), trimmed to its longest row (``lengths``: each row's
+    real tokens, on the host), and its outputs put back in row order: a tuple, per output of
+    ``fn`` (a tensor (b, w), 0 past each row's length, or None), a (B, T) tensor — what one call
+    on all rows gives — or None. Differentiable: gradients flow back into every chunk."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    parts = []
+    for rows in chunks:
+        index = torch.tensor(rows, device=device)
+        width = max(lengths[i] for i in rows)
+        parts.append(fn(input_ids[index, :width], attention_mask[index, :width],
+                        response_mask[index, :width]))
+    order = torch.tensor([i for rows in chunks for i in rows], device=device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(B, device=device)  # row r sits at inverse[r] of the concat
+    outputs = []
+    for k, first in enumerate(parts[0]):
+        if first is None:
+            outputs.append(None)
+            continue
+        stacked = torch.cat([torch.nn.functional.pad(p[k], (0, T - p[k].shape[1]))
+                             for p in parts])  # (B, T), rows in chunk order
+        outputs.append(stacked[inverse])
+    return tuple(outputs)
+
+
 @contextlib.contextmanager
 def eval_mode(*models):
     modes = [(m, m.training) for m in models if m is not None]
@@ -363,25 +392,24 @@ class Models:
         forwards are slower on a CPU than several of a cache-friendly size (eager attention's
         (rows, heads, T, T) scores), and sorting by length leaves little padding.
         """
-        n, T = buf["input_ids"].shape
-        out = {k: torch.zeros(n, T) for k in ("old_logps", "ref_logps", "old_values", "entropy")}
-        lengths = buf["attention_mask"].sum(-1)
+        lengths = buf["attention_mask"].sum(-1).tolist()
+        inputs = [buf[k].to(self.rt.device)
+                  for k in ("input_ids", "attention_mask", "response_mask")]
+
+        def evaluate(ids, attn, resp):
+            lp, ent = token_logps_entropy(self.policy, ids, attn, resp, entropy=True)
+            with self.reference_ctx() as ref_model:
+                ref, _ = token_logps_entropy(ref_model, ids, attn, resp, entropy=False)
+            vals = (token_values(self.ac.critic, ids, attn, resp)
+                    if self.ac.critic is not None else None)
+            return lp, ref, vals, ent
+
         with eval_mode(self.ac.policy, self.ac.critic), self.rt.autocast():
-            for rows in forward_chunks(lengths.tolist(), self.cfg.rollout.forward_tokens):
-                index = torch.tensor(rows)
-                width = int(lengths[index].max())
-                ids, attn, resp = (buf[k][index, :width].to(self.rt.device)
-                                   for k in ("input_ids", "attention_mask", "response_mask"))
-                lp, ent = token_logps_entropy(self.policy, ids, attn, resp, entropy=True)
-                with self.reference_ctx() as ref_model:
-                    ref, _ = token_logps_entropy(ref_model, ids, attn, resp, entropy=False)
-                vals = (token_values(self.ac.critic, ids, attn, resp)
-                        if self.ac.critic is not None else None)
-                for k, v in (("old_logps", lp), ("ref_logps", ref), ("old_values", vals),
-                             ("entropy", ent)):
-                    if v is not None:
-                        out[k][index, :width] = v.float().cpu()
-        return out
+            outs = by_chunks(evaluate, forward_chunks(lengths, self.cfg.rollout.forward_tokens),
+                             lengths, *inputs)
+        zeros = torch.zeros(buf["input_ids"].shape)
+        return {k: v.float().cpu() if v is not None else zeros.clone() for k, v in
+                zip(("old_logps", "ref_logps", "old_values", "entropy"), outs)}
 
     def reference_ctx(self):
         """The reference model for a block: the frozen copy, or the policy, adapters disabled."""

@@ -77,16 +77,15 @@ def positions(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].numel()
 
 
-def one_pass(loss_module, model, data: list[dict[str, torch.Tensor]],
-             dtype: torch.dtype | None) -> float:
-    """Seconds for forward+backward over every batch (``dtype``: autocast, None: fp32)."""
+def one_pass(loss_module, model, data: list[dict[str, torch.Tensor]], rt) -> float:
+    """Seconds for forward+backward over every batch under ``rt.autocast()``."""
     device = data[0]["input_ids"].device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for inputs in data:
         model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with rt.autocast():
             loss, _ = loss_module(**inputs)
         loss.backward()
     sync()
@@ -114,7 +113,7 @@ def main() -> None:
     from alignkit.stages.dpo import PairDPOLoss
 
     device = next(model.parameters()).device
-    dtype = resolve_runtime(device.type).autocast_dtype
+    rt = resolve_runtime(device.type)
     loss_module = PairDPOLoss(model, Precomputed({}), DPOConfig())
     data = {name: batches(rows, args.pairs, args.batches, device)
             for name, rows in layouts.items()}
@@ -126,15 +125,15 @@ def main() -> None:
     padded = {name: sum(map(positions, d)) / n_pairs for name, d in data.items()}
     attn = model.config._attn_implementation
     print(f"{n_pairs} pairs ({len(data['plain'])} batches of {args.pairs}), {device.type}, "
-          f"{'bf16 autocast' if dtype else 'fp32'}, {attn} attention, "
+          f"{'bf16 autocast' if rt.autocast_dtype else 'fp32'}, {attn} attention, "
           f"{torch.get_num_threads()} threads", flush=True)
     for name in LAYOUTS:  # warm-up: allocator, kernels, lazy init
-        one_pass(loss_module, model, data[name], dtype)
+        one_pass(loss_module, model, data[name], rt)
     rates: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     for r in range(args.repeats):
         order = LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]
         for name in order:
-            rates[name].append(n_pairs / one_pass(loss_module, model, data[name], dtype))
+            rates[name].append(n_pairs / one_pass(loss_module, model, data[name], rt))
         print(f"repeat {r + 1}: " + ", ".join(f"{n} {rates[n][-1]:.2f} pairs/s" for n in LAYOUTS),
               flush=True)
     ratios = [s / p for s, p in zip(rates["shared"], rates["plain"])]

@@ -347,7 +347,11 @@ def test_prefix_shared_rewards_loss_and_gradients_equal_plain(rm, attn, kind):
         torch.testing.assert_close(shared[2][key], plain[2][key], rtol=0, atol=1e-5)
     assert set(shared[4]) == set(plain[4]) and len(plain[4]) > 10  # trunk and head
     for name, g in plain[4].items():
-        torch.testing.assert_close(shared[4][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 rounding scales with the tensor, not the entry: an embedding row's gradient sums
+        # cancelling terms (on an AVX2-only EPYC one entry of 0.009, in a tensor reaching 6.1,
+        # differed by 2.9e-6)
+        atol = 1e-6 * max(1.0, float(g.abs().max()))
+        torch.testing.assert_close(shared[4][name], g, rtol=1e-4, atol=atol, msg=name)
 
 
 def test_prefix_shared_rewards_agree_under_bf16_autocast(rm):

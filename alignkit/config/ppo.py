@@ -45,6 +45,12 @@ class RolloutConfig(_Strict):
     # log-probs, values): rows go in length-sorted chunks of at most this many (a CPU is
     # fastest at about 1k; a GPU wants far more)
     forward_tokens: int = Field(1024, gt=0)
+    # PPO's old log-probs (and the logged entropy): sampler = those the sampler computed as it
+    # drew each token (same model, weights and precision; a full fp32 forward of the embedded
+    # model differs by at most 3e-5, so the first update's ratio is 1 within that), which saves
+    # one full policy forward per rollout; recompute = that extra forward, by the function the
+    # updates use (the first update's ratio and the first rollout's KL exactly 1 and 0)
+    old_logps: Literal["sampler", "recompute"] = "sampler"
     # subtracted from the score of a response cut at max_new_tokens without EOS
     missing_eos_penalty: float | None = Field(None, ge=0)
 

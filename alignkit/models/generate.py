@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.losses.ppo import entropy_from_logp
 from alignkit.models.lora import is_peft
 
 
@@ -30,7 +31,8 @@ class Generation:
     ``text``). ``text`` decodes the completion without special tokens. ``logps[i]`` is the fp32
     log-probability of ``completion_ids[i]`` under the model's raw next-token distribution
     (temperature 1, no top-p): the policy's own log-prob, as PPO's ratio and KL need it, whatever
-    temperature sampled it. ``None`` unless asked for.
+    temperature sampled it. ``entropies[i]`` is the entropy of that same distribution at the step
+    that drew ``completion_ids[i]``. Each is ``None`` unless asked for.
     """
 
     prompt_ids: list[int]
@@ -38,13 +40,14 @@ class Generation:
     text: str
     finished: bool  # stopped at a stop token (not at max_new_tokens)
     logps: list[float] | None = None
+    entropies: list[float] | None = None
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
              stop_token_ids: list[int] | None = None, return_logps: bool = False,
-             autocast_dtype: torch.dtype | None = None,
+             return_entropy: bool = False, autocast_dtype: torch.dtype | None = None,
              attn_implementation: str | None = None) -> list[Generation]:
     """Complete each prompt (token ids); results come back in the order of ``prompts``.
 
@@ -53,6 +56,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
     (same prompts, ``batch_size`` and device) gives the same samples. Greedy results do not depend
     on ``batch_size`` beyond floating-point noise; samples do (rows share one random stream).
     Stop tokens default to the tokenizer's EOS plus the model's ``generation_config`` EOS ids.
+    ``return_logps`` / ``return_entropy`` fill :class:`Generation`'s ``logps`` / ``entropies``
+    (one fp32 log-softmax per step serves both).
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forwards under ``torch.autocast``.
     ``attn_implementation`` (e.g. ``"sdpa"``) runs them with that attention kernel, the model's
     own restored after (kept where the model does not support it).
@@ -74,11 +79,13 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
             for start in range(0, len(order), batch_size):
                 index = order[start:start + batch_size]
                 batch = [list(prompts[i]) for i in index]
-                tokens, logps = _generate_batch(model, batch, pad_id, stops, max_new_tokens,
-                                                sampler, return_logps)
+                tokens, logps, ents = _generate_batch(model, batch, pad_id, stops,
+                                                      max_new_tokens, sampler, return_logps,
+                                                      return_entropy)
                 for row, i in enumerate(index):
                     results[i] = _generation(tokenizer, batch[row], tokens[row],
-                                             logps[row] if return_logps else None, stops)
+                                             logps[row] if return_logps else None,
+                                             ents[row] if return_entropy else None, stops)
     finally:
         for module, training in modes:
             module.training = training
@@ -153,17 +160,19 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def _generate_batch(model, prompts: list[list[int]], pad_id: int, stops: torch.Tensor,
-                    max_new_tokens: int, sampler: _Sampler, return_logps: bool):
-    """Token ids (B, T) and, if asked, their logps (B, T) as lists; T <= max_new_tokens."""
+                    max_new_tokens: int, sampler: _Sampler, return_logps: bool,
+                    return_entropy: bool = False):
+    """Token ids (B, T) and, if asked, their logps and entropies (B, T), as lists;
+    T <= max_new_tokens."""
     if max_new_tokens == 0:
-        return [[] for _ in prompts], [[] for _ in prompts]
+        return [[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts]
     device = next(model.parameters()).device
     step = _Forward(model)
     input_ids, attention_mask = _left_pad(prompts, pad_id, device)  # (B, L), (B, L)
     logits = _prefill(step, prompts, input_ids, attention_mask, pad_id)  # (B, V) fp32
     stops = stops.to(device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (B,)
-    tokens, logps = [], []
+    tokens, logps, ents = [], [], []
     for t in range(max_new_tokens):
         if t > 0:
             # A row finished before this step is fed padding that nothing attends to.
@@ -172,15 +181,20 @@ def _generate_batch(model, prompts: list[list[int]], pad_id: int, stops: torch.T
             logits = step(next_ids[:, None], attention_mask, position_ids)
         next_ids = sampler(logits).masked_fill(finished, pad_id)  # (B,)
         tokens.append(next_ids)
-        if return_logps:
-            logps.append(torch.log_softmax(logits, dim=-1).gather(-1, next_ids[:, None])[:, 0])
+        if return_logps or return_entropy:
+            logp = torch.log_softmax(logits, dim=-1)  # (B, V) fp32
+            if return_logps:
+                logps.append(logp.gather(-1, next_ids[:, None])[:, 0])
+            if return_entropy:
+                ents.append(entropy_from_logp(logp))
         alive = ~finished
         finished = finished | torch.isin(next_ids, stops)
         if bool(finished.all()):  # one host sync per step, so a batch can stop early
             break
     # One transfer to the host for the whole batch.
     token_rows = torch.stack(tokens, 1).tolist()
-    return token_rows, torch.stack(logps, 1).tolist() if return_logps else None
+    return (token_rows, torch.stack(logps, 1).tolist() if return_logps else None,
+            torch.stack(ents, 1).tolist() if return_entropy else None)
 
 
 def _prefill(step: "_Forward", prompts: list[list[int]], input_ids: torch.Tensor,
@@ -253,7 +267,7 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 
 def _generation(tokenizer, prompt: list[int], tokens: list[int], logps: list[float] | None,
-                stops: torch.Tensor) -> Generation:
+                ents: list[float] | None, stops: torch.Tensor) -> Generation:
     """Cut a row at its first stop token (kept in the ids, left out of the text)."""
     stop_set = set(stops.tolist())
     end = next((i + 1 for i, tok in enumerate(tokens) if tok in stop_set), None)
@@ -262,7 +276,8 @@ def _generation(tokenizer, prompt: list[int], tokens: list[int], logps: list[flo
     shown = completion[:-1] if finished else completion
     text = tokenizer.decode(shown, skip_special_tokens=True)
     return Generation(prompt_ids=prompt, completion_ids=completion, text=text, finished=finished,
-                      logps=logps[:len(completion)] if logps is not None else None)
+                      logps=logps[:len(completion)] if logps is not None else None,
+                      entropies=ents[:len(completion)] if ents is not None else None)
 
 
 def _stop_ids(model, tokenizer, stop_token_ids: list[int] | None) -> torch.Tensor:

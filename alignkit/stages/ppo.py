@@ -42,7 +42,9 @@ Where we depart from the papers and common implementations:
 - Every forward (rollout and update) runs the policy and critic in eval mode: no dropout, so the
   ratio is 1 up to floating-point noise at a rollout's first update (LoRA dropout would
   otherwise make it random).
-- ``old_logps`` come from a full forward after sampling, not from the sampler (see rollout.py).
+- ``old_logps`` are the sampler's own (the same model and precision, KV-cached), one full policy
+  forward per rollout saved; ``rollout.old_logps: recompute`` runs that forward instead, as
+  most implementations do (see rollout.py).
 - Reward normalisation whitens each rollout's scores (no running statistics).
 - Early stop (``target_kl``): a minibatch whose mean approximate KL(π_old‖π) exceeds the target
   ends its rollout's updates; the next step starts a new rollout. It costs one host sync per

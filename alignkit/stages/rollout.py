@@ -11,10 +11,12 @@ One rollout (all under ``no_grad``, models in eval mode):
    shares the policy's vocabulary, else the text re-tokenised with its own tokenizer) or a Python
    function ``reward(prompts, responses) -> list[float]``; then the missing-EOS penalty,
    per-rollout normalisation and clipping;
-3. one forward each of the policy (``old_logps``), the reference (``ref_logps``) and the critic
-   (``old_values``). ``old_logps`` are recomputed by the very function training uses rather than
-   taken from the sampler, so the first update's ratio is exactly 1 (the sampler's cached
-   incremental forward differs from a full forward by floating-point noise);
+3. one forward each of the reference (``ref_logps``) and the critic (``old_values``). The
+   policy's ``old_logps`` (and entropy) are by default those the sampler computed as it drew
+   each token (``rollout.old_logps: sampler``): the same model, weights and precision, whose
+   cached incremental forward differs from a full forward by floating-point noise only (≤ 3e-5
+   in fp32 on the embedded model), and a full policy forward saved. ``recompute`` runs that
+   forward with the very function training uses, so the first update's ratio is exactly 1;
 4. advantages: PPO folds −β·KL per token into the reward with the score on the last token
    (:func:`per_token_rewards`), then GAE and whitening; RLOO uses the sequence reward
    score − β·ΣKL with the leave-one-out baseline; GRPO the group-normalised score (its KL is in
@@ -384,8 +386,10 @@ class Models:
         return self.reward(prompts, completions, texts, finished, self.cfg.rollout.batch_size)
 
     @torch.no_grad()
-    def forward_all(self, buf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """old_logps, ref_logps, old_values (PPO) and entropy of every buffer row, on the CPU.
+    def forward_all(self, buf: dict[str, torch.Tensor], *,
+                    policy: bool = True) -> dict[str, torch.Tensor]:
+        """old_logps, ref_logps, old_values (PPO) and entropy of every buffer row, on the CPU;
+        without ``policy`` no policy forward runs, and old_logps and entropy are None.
 
         The rows run in chunks of similar length (:func:`forward_chunks`), each trimmed to its
         longest row and holding at most ``rollout.forward_tokens`` padded tokens: a few large
@@ -397,7 +401,8 @@ class Models:
                   for k in ("input_ids", "attention_mask", "response_mask")]
 
         def evaluate(ids, attn, resp):
-            lp, ent = token_logps_entropy(self.policy, ids, attn, resp, entropy=True)
+            lp, ent = (token_logps_entropy(self.policy, ids, attn, resp, entropy=True)
+                       if policy else (None, None))
             with self.reference_ctx() as ref_model:
                 ref, _ = token_logps_entropy(ref_model, ids, attn, resp, entropy=False)
             vals = (token_values(self.ac.critic, ids, attn, resp)
@@ -408,8 +413,11 @@ class Models:
             outs = by_chunks(evaluate, forward_chunks(lengths, self.cfg.rollout.forward_tokens),
                              lengths, *inputs)
         zeros = torch.zeros(buf["input_ids"].shape)
-        return {k: v.float().cpu() if v is not None else zeros.clone() for k, v in
-                zip(("old_logps", "ref_logps", "old_values", "entropy"), outs)}
+        out = {k: v.float().cpu() if v is not None else zeros.clone() for k, v in
+               zip(("old_logps", "ref_logps", "old_values", "entropy"), outs)}
+        if not policy:
+            out["old_logps"] = out["entropy"] = None
+        return out
 
     def reference_ctx(self):
         """The reference model for a block: the frozen copy, or the policy, adapters disabled."""
@@ -443,7 +451,8 @@ def make_rollout(ctx, prompts: list[Prompt], *, beta: float, seed: int,
     k = cfg.group_k
     group = [p for p in prompts for _ in range(k)]  # prompt-major
     t0 = time.perf_counter()
-    gens = _sample(ctx, group, seed, first_row)
+    from_sampler = cfg.rollout.old_logps == "sampler"
+    gens = _sample(ctx, group, seed, first_row, with_logps=from_sampler)
     t_gen = time.perf_counter() - t0
     completions = [g.completion_ids for g in gens]
     finished = torch.tensor([g.finished for g in gens])
@@ -455,7 +464,10 @@ def make_rollout(ctx, prompts: list[Prompt], *, beta: float, seed: int,
     for i, (p, c) in enumerate(zip(group, completions)):
         resp[i, len(p.ids):len(p.ids) + len(c)] = True
     buf = {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
-    fwd = ctx.forward_all(buf)  # old_logps, ref_logps, old_values, entropy on the CPU
+    fwd = ctx.forward_all(buf, policy=not from_sampler)  # ref_logps, old_values, … on the CPU
+    if from_sampler:
+        fwd["old_logps"] = _scatter(torch.tensor([x for g in gens for x in g.logps]), resp)
+        fwd["entropy"] = _scatter(torch.tensor([x for g in gens for x in g.entropies]), resp)
     samples = [{"prompt": p.text, "response": g.text, "score": float(s), "finished": g.finished}
                for p, g, s in zip(group, gens, raw.tolist())]
     buf, fwd, raw, finished, samples = _gather(buf, fwd, raw, finished, samples, ctx.pad_id)
@@ -492,9 +504,10 @@ def make_rollout(ctx, prompts: list[Prompt], *, beta: float, seed: int,
     return RolloutResult(buf, stats, samples)
 
 
-def _sample(ctx, group: list[Prompt], seed: int, first_row: int):
+def _sample(ctx, group: list[Prompt], seed: int, first_row: int, *, with_logps: bool = False):
     """Generations for ``group`` (rows ``first_row``… of the whole rollout), one ``generate``
-    call per chunk of ``rollout.batch_size`` rollout rows, chunk c seeded from (seed, c).
+    call per chunk of ``rollout.batch_size`` rollout rows, chunk c seeded from (seed, c);
+    ``with_logps``: with each token's log-prob and entropy.
     Under ``train.compile`` the layers sample eagerly: their graphs serve the full forwards."""
     from alignkit.engine.loop import eager
     from alignkit.models.generate import generate
@@ -508,6 +521,7 @@ def _sample(ctx, group: list[Prompt], seed: int, first_row: int):
                              max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                              top_p=ro.top_p, batch_size=bs,
                              seed=(seed * 1_000_003 + chunk) % 2**63,
+                             return_logps=with_logps, return_entropy=with_logps,
                              autocast_dtype=ctx.rt.autocast_dtype,
                              attn_implementation=("sdpa" if ro.attn_implementation == "auto"
                                                   else ro.attn_implementation))

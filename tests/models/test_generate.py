@@ -116,10 +116,11 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     assert torch.equal(nucleus(probs, 1.0), probs)
 
 
-def test_logps_equal_a_full_forward(setup):
+def test_logps_and_entropies_equal_a_full_forward(setup):
+    # both of the raw (temperature 1, no top-p) distribution, whatever sampled the token
     model, tokenizer, prompts, _ = setup
     gens = generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0.8, top_p=0.9,
-                    batch_size=3, return_logps=True, stop_token_ids=[])
+                    batch_size=3, return_logps=True, return_entropy=True, stop_token_ids=[])
     for g in gens:
         ids = torch.tensor([g.prompt_ids + g.completion_ids])
         with torch.no_grad():
@@ -127,9 +128,14 @@ def test_logps_equal_a_full_forward(setup):
         n = len(g.prompt_ids)
         positions = torch.arange(n - 1, n - 1 + len(g.completion_ids))
         expected = logps[positions, torch.tensor(g.completion_ids)]
-        assert len(g.logps) == len(g.completion_ids)
+        assert len(g.logps) == len(g.entropies) == len(g.completion_ids)
         torch.testing.assert_close(torch.tensor(g.logps), expected, rtol=0, atol=1e-5)
-    assert generate(model, tokenizer, prompts[:1], max_new_tokens=3)[0].logps is None
+        entropy = -(logps[positions].exp() * logps[positions]).sum(-1)
+        torch.testing.assert_close(torch.tensor(g.entropies), entropy, rtol=0, atol=1e-5)
+    plain = generate(model, tokenizer, prompts[:1], max_new_tokens=3)[0]
+    assert plain.logps is None and plain.entropies is None
+    only = generate(model, tokenizer, prompts[:1], max_new_tokens=3, return_entropy=True)[0]
+    assert only.logps is None and len(only.entropies) == len(only.completion_ids)
 
 
 def test_peft_model_and_train_mode_restored(setup):

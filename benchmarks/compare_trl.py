@@ -363,6 +363,7 @@ def vm_hwm_mib() -> float:
 
 
 TRL_SEEN: dict = {}  # the settings a TRL run actually trained with
+ROLLOUT_SPLIT: list = []  # alignkit RL: each rollout's sampling, scoring and update seconds
 RL_LENGTHS: list[list[int]] = []  # completion tokens per reward call (one call per rollout)
 _TOK = []
 
@@ -408,7 +409,7 @@ def child(spec: dict) -> None:
     out = probe.result() | {"wall_s": round(time.perf_counter() - t0, 2),
                             "rss_exit_mib": vm_hwm_mib(), "threads": torch.get_num_threads(),
                             "rl_lengths": bench_module.RL_LENGTHS or RL_LENGTHS,
-                            "trl_settings": TRL_SEEN}
+                            "trl_settings": TRL_SEEN, "rollout_split": ROLLOUT_SPLIT}
     print(RESULT_TAG + json.dumps(out), flush=True)
 
 
@@ -493,7 +494,10 @@ def _alignkit(spec: dict) -> None:
             from alignkit.config.ppo import PPOConfig as schema
             from alignkit.stages.ppo import run
             rl = spec["rl"]
-            common |= {"algo": spec["algo"], "data.format": "prompts",
+            algo, _, critic = spec["algo"].partition("-")  # ppo-shared: critic_init shared
+            if critic:
+                common["critic_init"] = critic
+            common |= {"algo": algo, "data.format": "prompts",
                        "data.max_prompt_length": rl["max_prompt_length"],
                        "rollout.prompts": rl["prompts"], "rollout.group_size": rl["group"],
                        "rollout.max_new_tokens": rl["new_tokens"],
@@ -505,7 +509,12 @@ def _alignkit(spec: dict) -> None:
     if spec.get("variant") == "compile":
         common["train.compile"] = True
     cfg = build_config(schema, overrides=common)
-    run(cfg, overwrite=True, log=lambda s: print(s, file=sys.stderr, flush=True))
+    folder = run(cfg, overwrite=True, log=lambda s: print(s, file=sys.stderr, flush=True))
+    if w == "rl":  # opt_s of rollout i: the updates of rollout i - 1
+        for line in (Path(folder) / "rollouts.jsonl").read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            ROLLOUT_SPLIT.append({k: r[k] for k in ("gen_s", "score_s", "eval_s", "opt_s")
+                                  if k in r})
 
 
 def _trl(spec: dict) -> None:
@@ -632,6 +641,19 @@ def window(res: dict, spec: dict) -> dict:
     return out
 
 
+def rollout_split(res: dict) -> str:
+    """alignkit RL: the median seconds of a measured rollout's sampling, its evaluation (the
+    reference's and critic's forwards) and its updates (rollouts.jsonl's gen_s, eval_s and the
+    next rollout's opt_s)."""
+    split = res["raw"].get("rollout_split") or []
+    if len(split) < 3:
+        return ""
+    gen = statistics.median(r["gen_s"] for r in split[1:])
+    ev = statistics.median(r["eval_s"] for r in split[1:])
+    opt = statistics.median(r["opt_s"] for r in split[2:])
+    return f"; a rollout: sampling {gen:.1f} s, evaluation {ev:.1f} s, updates {opt:.1f} s"
+
+
 def model_flops_per_unit(spec: dict, meta: dict, res_window: dict) -> float:
     """Model FLOPs per second of the window (see the module docstring)."""
     n_params = meta["params"] - (meta["lm_head"] if spec["workload"] == "reward" else 0)
@@ -723,7 +745,8 @@ def configs(args) -> dict[str, list[dict]]:
             runs = [{"name": f"alignkit-{a}" + ("" if v == "plain" else f"-{v}"),
                      "tool": "alignkit", "algo": a, "variant": v} for a in algos for v in mine]
             runs += [{"name": f"trl-{a}-{v}", "tool": "trl", "algo": a, "variant": v}
-                     for a in ("rloo", "grpo") if a in algos or "ppo" in algos
+                     for a in ("rloo", "grpo")
+                     if a in algos or any(x.startswith("ppo") for x in algos)
                      for v in trl_variants]
         else:
             runs = [{"name": "alignkit" + ("" if v == "plain" else f"-{v}"), "tool": "alignkit",
@@ -835,7 +858,9 @@ def parse_args(argv=None):
     ap.add_argument("--rl-epochs", type=int, default=1, help="passes over each rollout")
     ap.add_argument("--rl-rollouts", type=int, default=3, help="measured rollouts (+1 warm-up)")
     ap.add_argument("--rl-max-prompt-length", type=int, default=128)
-    ap.add_argument("--rl-algos", default="ppo,rloo,grpo", help="alignkit's RL algorithms")
+    ap.add_argument("--rl-algos", default="ppo,rloo,grpo",
+                    help="alignkit's RL algorithms: ppo, rloo, grpo, and ppo-shared (PPO with "
+                         "critic_init shared: the value head on the policy's trunk)")
     ap.add_argument("--trl-variants", default="defaults,best",
                     help="defaults, best, best-compile (best + torch_compile)")
     ap.add_argument("--alignkit-variants", default="plain",
@@ -880,7 +905,8 @@ def parse_args(argv=None):
         ap.set_defaults(**GPU_PRESET)
         args = ap.parse_args(argv)
     for opt, known in (("trl_variants", {"defaults", "best", "best-compile"}),
-                       ("alignkit_variants", {"plain", "compile"})):
+                       ("alignkit_variants", {"plain", "compile"}),
+                       ("rl_algos", {"ppo", "ppo-shared", "rloo", "grpo"})):
         bad = sorted(set(getattr(args, opt).split(",")) - known - {""})
         if bad:
             ap.error(f"--{opt.replace('_', '-')}: unknown {', '.join(bad)} "
@@ -1088,7 +1114,7 @@ def main(argv=None) -> None:
                           f"{res['units_per_s']:.3g} {UNITS[w]}/s, "
                           f"{res['tokens_per_s']:.0f} tokens/s, peak RSS "
                           f"{res['rss_mib']:.0f} MiB{gpu_mem}, window {res['window_s']:.1f} s, "
-                          f"run {res['wall_s']:.0f} s", flush=True)
+                          f"run {res['wall_s']:.0f} s{rollout_split(res)}", flush=True)
                 else:
                     print(f"{w} repeat {rep + 1} {run['name']}: FAILED\n{res['error']}",
                           flush=True)

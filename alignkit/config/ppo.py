@@ -98,8 +98,12 @@ class PPOConfig(_Strict):
     # padded tokens 1.33x the real ones whole, 1.08x in chunks; an update 1.10x faster measured
     # in fp32), the whole minibatch in one forward on a GPU.
     update_forward_tokens: int | None = Field(None, gt=0)
-    # critic (ppo): auto = from the reward model when there is one (InstructGPT), else the policy
-    critic_init: Literal["auto", "reward", "policy"] = "auto"
+    # critic (ppo): auto = from the reward model when there is one (InstructGPT), else the policy;
+    # reward / policy = a separate network initialised from it (as large as the policy: twice
+    # the update work, a third model in memory); shared = a value head on the policy's own trunk
+    # (one network: the values come with the policy's forwards, sampling included; the value
+    # loss also moves the policy's weights, which critic_lr cannot then set apart)
+    critic_init: Literal["auto", "reward", "policy", "shared"] = "auto"
     # Peak learning rates of the critic's trunk (null: train.lr) and of its value head. The head
     # is new (critic_init policy) or must move from reward scale to return scale (critic_init
     # reward); at a policy's 1e-6 it would barely change in a run, and the critic's explained

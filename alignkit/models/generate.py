@@ -32,7 +32,8 @@ class Generation:
     log-probability of ``completion_ids[i]`` under the model's raw next-token distribution
     (temperature 1, no top-p): the policy's own log-prob, as PPO's ratio and KL need it, whatever
     temperature sampled it. ``entropies[i]`` is the entropy of that same distribution at the step
-    that drew ``completion_ids[i]``. Each is ``None`` unless asked for.
+    that drew ``completion_ids[i]``, and ``values[i]`` a value head's output on the hidden state
+    there (the state in which the token was chosen). Each is ``None`` unless asked for.
     """
 
     prompt_ids: list[int]
@@ -41,13 +42,15 @@ class Generation:
     finished: bool  # stopped at a stop token (not at max_new_tokens)
     logps: list[float] | None = None
     entropies: list[float] | None = None
+    values: list[float] | None = None
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
              stop_token_ids: list[int] | None = None, return_logps: bool = False,
-             return_entropy: bool = False, autocast_dtype: torch.dtype | None = None,
+             return_entropy: bool = False, value_head: torch.nn.Module | None = None,
+             autocast_dtype: torch.dtype | None = None,
              attn_implementation: str | None = None) -> list[Generation]:
     """Complete each prompt (token ids); results come back in the order of ``prompts``.
 
@@ -57,7 +60,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
     on ``batch_size`` beyond floating-point noise; samples do (rows share one random stream).
     Stop tokens default to the tokenizer's EOS plus the model's ``generation_config`` EOS ids.
     ``return_logps`` / ``return_entropy`` fill :class:`Generation`'s ``logps`` / ``entropies``
-    (one fp32 log-softmax per step serves both).
+    (one fp32 log-softmax per step serves both). ``value_head`` (a one-output Linear on the
+    model's final hidden state: PPO's critic sharing the policy's trunk) fills ``values``; the
+    model then runs as its trunk and LM head, the head on the last position only.
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forwards under ``torch.autocast``.
     ``attn_implementation`` (e.g. ``"sdpa"``) runs them with that attention kernel, the model's
     own restored after (kept where the model does not support it).
@@ -79,13 +84,15 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int 
             for start in range(0, len(order), batch_size):
                 index = order[start:start + batch_size]
                 batch = [list(prompts[i]) for i in index]
-                tokens, logps, ents = _generate_batch(model, batch, pad_id, stops,
-                                                      max_new_tokens, sampler, return_logps,
-                                                      return_entropy)
+                tokens, logps, ents, values = _generate_batch(
+                    model, batch, pad_id, stops, max_new_tokens, sampler, return_logps,
+                    return_entropy, value_head)
                 for row, i in enumerate(index):
                     results[i] = _generation(tokenizer, batch[row], tokens[row],
                                              logps[row] if return_logps else None,
-                                             ents[row] if return_entropy else None, stops)
+                                             ents[row] if return_entropy else None,
+                                             values[row] if value_head is not None else None,
+                                             stops)
     finally:
         for module, training in modes:
             module.training = training
@@ -161,18 +168,19 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _generate_batch(model, prompts: list[list[int]], pad_id: int, stops: torch.Tensor,
                     max_new_tokens: int, sampler: _Sampler, return_logps: bool,
-                    return_entropy: bool = False):
-    """Token ids (B, T) and, if asked, their logps and entropies (B, T), as lists;
+                    return_entropy: bool = False, value_head=None):
+    """Token ids (B, T) and, if asked, their logps, entropies and values (B, T), as lists;
     T <= max_new_tokens."""
     if max_new_tokens == 0:
-        return [[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts]
+        return ([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts],
+                [[] for _ in prompts])
     device = next(model.parameters()).device
-    step = _Forward(model)
+    step = _Forward(model, value_head)
     input_ids, attention_mask = _left_pad(prompts, pad_id, device)  # (B, L), (B, L)
     logits = _prefill(step, prompts, input_ids, attention_mask, pad_id)  # (B, V) fp32
     stops = stops.to(device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (B,)
-    tokens, logps, ents = [], [], []
+    tokens, logps, ents, values = [], [], [], []
     for t in range(max_new_tokens):
         if t > 0:
             # A row finished before this step is fed padding that nothing attends to.
@@ -181,6 +189,8 @@ def _generate_batch(model, prompts: list[list[int]], pad_id: int, stops: torch.T
             logits = step(next_ids[:, None], attention_mask, position_ids)
         next_ids = sampler(logits).masked_fill(finished, pad_id)  # (B,)
         tokens.append(next_ids)
+        if value_head is not None:
+            values.append(step.values)
         if return_logps or return_entropy:
             logp = torch.log_softmax(logits, dim=-1)  # (B, V) fp32
             if return_logps:
@@ -194,7 +204,8 @@ def _generate_batch(model, prompts: list[list[int]], pad_id: int, stops: torch.T
     # One transfer to the host for the whole batch.
     token_rows = torch.stack(tokens, 1).tolist()
     return (token_rows, torch.stack(logps, 1).tolist() if return_logps else None,
-            torch.stack(ents, 1).tolist() if return_entropy else None)
+            torch.stack(ents, 1).tolist() if return_entropy else None,
+            torch.stack(values, 1).tolist() if value_head is not None else None)
 
 
 def _prefill(step: "_Forward", prompts: list[list[int]], input_ids: torch.Tensor,
@@ -212,6 +223,8 @@ def _prefill(step: "_Forward", prompts: list[list[int]], input_ids: torch.Tensor
         logits = step(ids, mask, _positions(mask))  # (D, V)
         index = torch.tensor(source, device=input_ids.device)  # (B,)
         if step.select_rows(index):
+            if step.values is not None:
+                step.values = step.values[index]
             return logits[index]
         step.cache = None  # a cache without row selection: run every row
     return step(input_ids, attention_mask, _positions(attention_mask))
@@ -228,11 +241,17 @@ class _Forward:
     Copes with both spellings of the cache argument (``cache`` in transformers >= 5.x,
     ``past_key_values`` before) and asks for the last position's logits only where the model
     supports ``logits_to_keep`` (the prompt's full (B, L, V) logits would be wasted memory).
+    With a ``value_head`` the model runs as trunk + LM head (on the last position), and
+    ``values`` holds the head's (B,) fp32 output on the last position's hidden state.
     """
 
-    def __init__(self, model) -> None:
-        self.model = model
+    def __init__(self, model, value_head=None) -> None:
+        self.model, self.value_head, self.values = model, value_head, None
         base = model.get_base_model() if is_peft(model) else model
+        if value_head is not None:
+            from alignkit.models.logps import split_lm
+            self.trunk, self.head = split_lm(model)
+            base = self.trunk
         params = inspect.signature(base.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -240,11 +259,20 @@ class _Forward:
 
     def __call__(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         kwargs = {self.cache_arg: self.cache} if self.cache is not None else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=True, **kwargs, **self.keep)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=True, **kwargs)
+        if self.value_head is None:
+            out = self.model(**inputs, **self.keep)
+            logits = out.logits[:, -1, :]
+        else:
+            from alignkit.models.heads import head_scalars
+            out = self.trunk(**inputs)
+            hidden = out.last_hidden_state[:, -1, :]  # (B, H)
+            logits = self.head(hidden)
+            self.values = head_scalars(self.value_head, hidden)  # (B,)
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else out.past_key_values
-        return out.logits[:, -1, :].float()  # log-softmax and sampling in fp32
+        return logits.float()  # log-softmax and sampling in fp32
 
     def select_rows(self, index: torch.Tensor) -> bool:
         """Make cache row i a copy of row ``index[i]`` (rows may repeat); False where the cache
@@ -267,7 +295,8 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 
 def _generation(tokenizer, prompt: list[int], tokens: list[int], logps: list[float] | None,
-                ents: list[float] | None, stops: torch.Tensor) -> Generation:
+                ents: list[float] | None, values: list[float] | None,
+                stops: torch.Tensor) -> Generation:
     """Cut a row at its first stop token (kept in the ids, left out of the text)."""
     stop_set = set(stops.tolist())
     end = next((i + 1 for i, tok in enumerate(tokens) if tok in stop_set), None)
@@ -277,7 +306,8 @@ def _generation(tokenizer, prompt: list[int], tokens: list[int], logps: list[flo
     text = tokenizer.decode(shown, skip_special_tokens=True)
     return Generation(prompt_ids=prompt, completion_ids=completion, text=text, finished=finished,
                       logps=logps[:len(completion)] if logps is not None else None,
-                      entropies=ents[:len(completion)] if ents is not None else None)
+                      entropies=ents[:len(completion)] if ents is not None else None,
+                      values=values[:len(completion)] if values is not None else None)
 
 
 def _stop_ids(model, tokenizer, stop_token_ids: list[int] | None) -> torch.Tensor:

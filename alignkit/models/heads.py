@@ -257,6 +257,12 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     head = split_reward_model(model)[1]
     pooled = pooled_features(model, input_ids, attention_mask, position_ids,
                              last_index)  # (R, H)
-    head_dtype = next(head.parameters()).dtype
-    with torch.autocast(pooled.device.type, enabled=False):
-        return head(pooled.to(head_dtype)).float().squeeze(-1)
+    return head_scalars(head, pooled)
+
+
+def head_scalars(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A one-output head (a reward or value head) on hidden states, with autocast off on an
+    input cast to the head's dtype: fp32 scalars even under bf16 autocast. Gradients flow
+    when enabled. Shapes: (N, H) → (N,) float32."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.to(next(head.parameters()).dtype)).float().squeeze(-1)

@@ -30,12 +30,14 @@ How it fits the engine (``alignkit.engine.loop.fit``):
   decided; a resumed run reloads the buffer its checkpoint was in the middle of, so a
   checkpoint may fall anywhere. Logs: ``metrics.jsonl`` (per update: losses, clip fraction,
   approximate KL, entropy, value loss), ``rollouts.jsonl`` (per rollout: score, KL, β, total
-  reward, response length, entropy, explained variance, generation / scoring / optimisation
-  seconds) and ``samples.jsonl`` (completions every ``sample_every`` rollouts). The engine's
-  ``epoch`` counts passes over rollout buffers, and its ``tokens_per_s`` includes rollout time.
+  reward, response length, entropy, explained variance; generation, scoring, evaluation and
+  optimisation seconds) and ``samples.jsonl`` (completions every ``sample_every`` rollouts).
+  The engine's ``epoch`` counts passes over rollout buffers, and its ``tokens_per_s`` includes
+  rollout time.
 - ``train.max_steps`` counts updates; without it ``train.epochs`` is passes over the prompt set.
 - Saved: the policy in the run folder (LoRA merged), the critic in ``<run>/critic/`` (a reward
-  model folder, loadable by ``alignkit score``).
+  model folder, loadable by ``alignkit score``), or with ``critic_init: shared`` (a value head
+  on the policy's trunk, no second network) that head in ``<run>/value_head.safetensors``.
 
 Where we depart from the papers and common implementations:
 
@@ -69,14 +71,15 @@ from alignkit.losses.ppo import grpo_loss, policy_loss, value_loss
 from alignkit.stages.common import begin, describe, end
 from alignkit.stages.rollout import (Models, Prompt, RewardFunction, RewardModelScorer,
                                      by_chunks, eval_mode, forward_chunks, load_prompts,
-                                     make_rollout, token_logps_entropy, token_values)
+                                     make_rollout, token_outputs, token_values)
 
 class ActorCritic(torch.nn.Module):
-    """What trains: the policy LM and (PPO) the critic, a one-output value head on a trunk."""
+    """What trains: the policy LM and (PPO) the critic: a one-output value head on a trunk of
+    its own (``critic``), or on the policy's (``value_head``, ``critic_init: shared``)."""
 
-    def __init__(self, policy, critic=None) -> None:
+    def __init__(self, policy, critic=None, value_head=None) -> None:
         super().__init__()
-        self.policy, self.critic = policy, critic
+        self.policy, self.critic, self.value_head = policy, critic, value_head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +96,9 @@ class PPOLoss(torch.nn.Module):
         cfg, resp = self.cfg, response_mask
         forward = self._chunked(input_ids, attention_mask, resp)
         with eval_mode(self.ac.policy, self.ac.critic):  # no dropout: see the module docstring
-            logps, ent = forward(lambda i, a, r: token_logps_entropy(
-                self.ac.policy, i, a, r, entropy=True, entropy_grad=cfg.entropy_coef > 0))
+            logps, ent, values = forward(lambda i, a, r: token_outputs(
+                self.ac.policy, i, a, r, entropy=True, entropy_grad=cfg.entropy_coef > 0,
+                value_head=self.ac.value_head))
             if cfg.algo == "grpo":
                 out = grpo_loss(logps, old_logps, ref_logps, seq_advantages, resp,
                                 clip_eps=cfg.clip_eps, beta=cfg.kl_coef)
@@ -105,7 +109,8 @@ class PPOLoss(torch.nn.Module):
             losses = out.losses
             metrics["policy_loss"] = out.losses.detach().sum()
             if cfg.algo == "ppo":
-                (values,) = forward(lambda i, a, r: (token_values(self.ac.critic, i, a, r),))
+                if self.ac.critic is not None:
+                    (values,) = forward(lambda i, a, r: (token_values(self.ac.critic, i, a, r),))
                 vl = value_loss(values, old_values, returns, resp, clip_eps=cfg.value_clip_eps)
                 losses = losses + cfg.vf_coef * vl.losses
                 metrics |= {"value_loss": vl.losses.detach().sum(),
@@ -378,8 +383,9 @@ def _load_reward_model(cfg: PPOConfig, rt):
 
 def _critic(cfg: PPOConfig, policy, tokenizer, rt):
     """The value model (PPO): the reward model's weights (InstructGPT) or the policy's trunk
-    under a fresh head. Built before LoRA is applied to the policy."""
-    if cfg.algo != "ppo":
+    under a fresh head; None for critic_init shared (see :func:`_value_head`). Built before
+    LoRA is applied to the policy."""
+    if cfg.algo != "ppo" or cfg.critic_init == "shared":
         return None
     init = cfg.critic_init
     if init == "auto":
@@ -402,9 +408,25 @@ def _critic(cfg: PPOConfig, policy, tokenizer, rt):
     return critic
 
 
-def critic_lr_groups(critic, cfg: PPOConfig) -> list:
+def _value_head(cfg: PPOConfig, policy, rt) -> torch.nn.Linear | None:
+    """critic_init shared: PPO's value head on the policy's own final hidden state, fp32, at
+    zero (first values 0, as a critic_init policy head starts)."""
+    if cfg.algo != "ppo" or cfg.critic_init != "shared":
+        return None
+    head = torch.nn.Linear(policy.config.hidden_size, 1, device=rt.device)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    return head
+
+
+def critic_lr_groups(critic, cfg: PPOConfig, value_head=None) -> list:
     """(parameters, peak lr) of the critic's trunk and value head where they differ from
-    train.lr (:func:`alignkit.engine.loop.build_optimizer`)."""
+    train.lr (:func:`alignkit.engine.loop.build_optimizer`). A value head on the policy's
+    trunk takes value_head_lr; the trunk is the policy's (train.lr)."""
+    if value_head is not None:
+        lr = cfg.value_head_lr
+        return [(list(value_head.parameters()), lr)] if lr is not None else []
     if critic is None:
         return []
     from alignkit.models.heads import split_reward_model
@@ -436,6 +458,7 @@ def run(cfg: PPOConfig, *, overwrite: bool = False, log=print) -> Path:
     st.run_dir.prepare()
     policy, tokenizer = load_causal_lm(cfg.model, device=st.rt.device)
     critic = _critic(cfg, policy, tokenizer, st.rt)
+    value_head = _value_head(cfg, policy, st.rt)
     kind = cfg.reference if cfg.reference != "auto" else (
         "adapters" if cfg.model.lora.enabled else "copy")
     reference = FrozenCopy(policy) if kind == "copy" else None
@@ -444,9 +467,10 @@ def run(cfg: PPOConfig, *, overwrite: bool = False, log=print) -> Path:
         critic = apply_reward_lora(critic, cfg.model.lora).train()
     if kind == "adapters":
         reference = AdaptersDisabled(policy)
-    ac = ActorCritic(policy, critic)
-    st.log(describe(cfg, ac, st.rt, what=f"{cfg.algo}: policy + critic" if critic else cfg.algo,
-                    extra=f"reference: {kind}; "))
+    ac = ActorCritic(policy, critic, value_head)
+    what = (f"{cfg.algo}: policy + critic" if critic is not None else
+            f"{cfg.algo}: policy + value head on its trunk" if value_head is not None else cfg.algo)
+    st.log(describe(cfg, ac, st.rt, what=what, extra=f"reference: {kind}; "))
     st.run_dir.write_json("data_report.json", report | {"reference": kind})
     task = PPOTask(Models(cfg, ac, reference, reward, tokenizer, st.rt), prompts, cfg,
                    st.run_dir.path, st.log)
@@ -463,7 +487,7 @@ def run(cfg: PPOConfig, *, overwrite: bool = False, log=print) -> Path:
               if train.compile and isinstance(reference, FrozenCopy) else [])
     try:
         result = fit(task, ac, train, st.rt, output=st.run_dir.path, log=st.log,
-                     lr_groups=critic_lr_groups(critic, cfg))
+                     lr_groups=critic_lr_groups(critic, cfg, value_head))
     finally:
         uncompile(frozen)
     if critic is not None:
@@ -471,4 +495,10 @@ def run(cfg: PPOConfig, *, overwrite: bool = False, log=print) -> Path:
         critic = sharded.gathered(critic)  # FSDP: every rank sends its shards to rank 0
         if dist.is_main():
             save_reward_model(critic, copy.deepcopy(tokenizer), st.run_dir.path / "critic")
+    if value_head is not None:
+        from safetensors.torch import save_file
+        head = sharded.gathered(value_head)  # FSDP: every rank takes part
+        if dist.is_main():
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                      str(st.run_dir.path / "value_head.safetensors"))
     return end(st, policy, tokenizer, result)

@@ -51,6 +51,7 @@ from alignkit.losses.advantages import (gae, grpo_advantages, masked_mean, per_t
 from alignkit.losses.kl import kl_estimate
 from alignkit.losses.logprobs import shifted_targets
 from alignkit.losses.ppo import entropy_from_logp, explained_variance
+from alignkit.models.heads import head_scalars, split_reward_model
 from alignkit.models.lora import adapters_disabled
 from alignkit.models.logps import split_lm
 
@@ -256,15 +257,29 @@ def token_logps_entropy(model, input_ids, attention_mask, response_mask, *, entr
     and the log-softmax runs once for both the log-probs and the entropy.
     Shapes: (B, T) each → logps (B, T) fp32 (0 off the mask), entropy (B, T) or None.
     """
+    logps, ent, _ = token_outputs(model, input_ids, attention_mask, response_mask,
+                                  entropy=entropy, entropy_grad=entropy_grad)
+    return logps, ent
+
+
+def token_outputs(model, input_ids, attention_mask, response_mask, *, entropy: bool,
+                  entropy_grad: bool = False, value_head=None):
+    """:func:`token_logps_entropy`, and with ``value_head`` (PPO's critic on the policy's own
+    trunk) V(s_t) for each response token t from the same trunk forward: the head on the hidden
+    state at t − 1, as :func:`token_values` reads a separate critic.
+    Shapes: (B, T) each → logps, entropy | None, values | None, each (B, T) fp32, 0 off the mask.
+    """
     trunk, head = split_lm(model)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
                    use_cache=False).last_hidden_state  # (B, T, H)
     positions, labels = shifted_targets(input_ids, response_mask)  # (B, T), (N,)
-    logps, ent = logps_entropy(head(hidden[positions]), labels, entropy=entropy,
+    pooled = hidden[positions]  # (N, H)
+    logps, ent = logps_entropy(head(pooled), labels, entropy=entropy,
                                entropy_grad=entropy_grad)  # (N,), (N,) | None
     target = response_mask.clone()
     target[:, 0] = False  # shifted_targets never targets position 0
-    return _scatter(logps, target), (_scatter(ent, target) if ent is not None else None)
+    values = head_scalars(value_head, pooled) if value_head is not None else None
+    return tuple(_scatter(x, target) if x is not None else None for x in (logps, ent, values))
 
 
 def logps_entropy(logits: torch.Tensor, labels: torch.Tensor, *, entropy: bool,
@@ -290,14 +305,11 @@ def logps_entropy(logits: torch.Tensor, labels: torch.Tensor, *, entropy: bool,
 def token_values(critic, input_ids, attention_mask, response_mask) -> torch.Tensor:
     """V(s_t) for each response token t, from the critic's hidden state at t − 1 (the state in
     which token t is chosen). Shapes: (B, T) each → (B, T) fp32, 0 off the mask."""
-    from alignkit.models.heads import split_reward_model
     trunk, head = split_reward_model(critic)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
                    use_cache=False).last_hidden_state  # (B, T, H)
     positions, _ = shifted_targets(input_ids, response_mask)
-    pooled = hidden[positions]  # (N, H)
-    with torch.autocast(pooled.device.type, enabled=False):
-        values = head(pooled.to(next(head.parameters()).dtype)).float().squeeze(-1)  # (N,)
+    values = head_scalars(head, hidden[positions])  # (N,)
     target = response_mask.clone()
     target[:, 0] = False
     return _scatter(values, target)
@@ -400,13 +412,17 @@ class Models:
         inputs = [buf[k].to(self.rt.device)
                   for k in ("input_ids", "attention_mask", "response_mask")]
 
+        shared = self.ac.value_head
+
         def evaluate(ids, attn, resp):
-            lp, ent = (token_logps_entropy(self.policy, ids, attn, resp, entropy=True)
-                       if policy else (None, None))
+            lp = ent = vals = None
+            if policy:
+                lp, ent, vals = token_outputs(self.policy, ids, attn, resp, entropy=True,
+                                              value_head=shared)
             with self.reference_ctx() as ref_model:
                 ref, _ = token_logps_entropy(ref_model, ids, attn, resp, entropy=False)
-            vals = (token_values(self.ac.critic, ids, attn, resp)
-                    if self.ac.critic is not None else None)
+            if self.ac.critic is not None:
+                vals = token_values(self.ac.critic, ids, attn, resp)
             return lp, ref, vals, ent
 
         with eval_mode(self.ac.policy, self.ac.critic), self.rt.autocast():
@@ -417,6 +433,8 @@ class Models:
                zip(("old_logps", "ref_logps", "old_values", "entropy"), outs)}
         if not policy:
             out["old_logps"] = out["entropy"] = None
+            if shared is not None:
+                out["old_values"] = None
         return out
 
     def reference_ctx(self):
@@ -464,10 +482,14 @@ def make_rollout(ctx, prompts: list[Prompt], *, beta: float, seed: int,
     for i, (p, c) in enumerate(zip(group, completions)):
         resp[i, len(p.ids):len(p.ids) + len(c)] = True
     buf = {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+    t1 = time.perf_counter()
     fwd = ctx.forward_all(buf, policy=not from_sampler)  # ref_logps, old_values, … on the CPU
+    t_eval = time.perf_counter() - t1
     if from_sampler:
         fwd["old_logps"] = _scatter(torch.tensor([x for g in gens for x in g.logps]), resp)
         fwd["entropy"] = _scatter(torch.tensor([x for g in gens for x in g.entropies]), resp)
+        if ctx.ac.value_head is not None:
+            fwd["old_values"] = _scatter(torch.tensor([x for g in gens for x in g.values]), resp)
     samples = [{"prompt": p.text, "response": g.text, "score": float(s), "finished": g.finished}
                for p, g, s in zip(group, gens, raw.tolist())]
     buf, fwd, raw, finished, samples = _gather(buf, fwd, raw, finished, samples, ctx.pad_id)
@@ -481,7 +503,7 @@ def make_rollout(ctx, prompts: list[Prompt], *, beta: float, seed: int,
              "response_length": resp.sum(-1).float().mean().item(),
              "finished": finished.float().mean().item(),
              "entropy": masked_mean(fwd["entropy"], resp).item(),
-             "gen_s": round(t_gen, 4), "score_s": round(t_score, 4)}
+             "gen_s": round(t_gen, 4), "score_s": round(t_score, 4), "eval_s": round(t_eval, 4)}
     match cfg.algo:
         case "ppo":
             rewards = per_token_rewards(scores, kl, resp, beta)
@@ -507,7 +529,8 @@ def make_rollout(ctx, prompts: list[Prompt], *, beta: float, seed: int,
 def _sample(ctx, group: list[Prompt], seed: int, first_row: int, *, with_logps: bool = False):
     """Generations for ``group`` (rows ``first_row``… of the whole rollout), one ``generate``
     call per chunk of ``rollout.batch_size`` rollout rows, chunk c seeded from (seed, c);
-    ``with_logps``: with each token's log-prob and entropy.
+    ``with_logps``: with each token's log-prob and entropy (and, with a critic sharing the
+    policy's trunk, its value).
     Under ``train.compile`` the layers sample eagerly: their graphs serve the full forwards."""
     from alignkit.engine.loop import eager
     from alignkit.models.generate import generate
@@ -522,6 +545,7 @@ def _sample(ctx, group: list[Prompt], seed: int, first_row: int, *, with_logps: 
                              top_p=ro.top_p, batch_size=bs,
                              seed=(seed * 1_000_003 + chunk) % 2**63,
                              return_logps=with_logps, return_entropy=with_logps,
+                             value_head=ctx.ac.value_head if with_logps else None,
                              autocast_dtype=ctx.rt.autocast_dtype,
                              attn_implementation=("sdpa" if ro.attn_implementation == "auto"
                                                   else ro.attn_implementation))

@@ -133,9 +133,32 @@ def test_logps_and_entropies_equal_a_full_forward(setup):
         entropy = -(logps[positions].exp() * logps[positions]).sum(-1)
         torch.testing.assert_close(torch.tensor(g.entropies), entropy, rtol=0, atol=1e-5)
     plain = generate(model, tokenizer, prompts[:1], max_new_tokens=3)[0]
-    assert plain.logps is None and plain.entropies is None
+    assert plain.logps is None and plain.entropies is None and plain.values is None
     only = generate(model, tokenizer, prompts[:1], max_new_tokens=3, return_entropy=True)[0]
     assert only.logps is None and len(only.entropies) == len(only.completion_ids)
+
+
+def test_value_head_values_equal_a_full_forward_and_change_no_sample(setup):
+    # a value head on the trunk (PPO's shared critic): V at the state choosing each token, and
+    # the model run as trunk + LM head samples exactly what the whole model samples
+    model, tokenizer, prompts, _ = setup
+    torch.manual_seed(0)
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    kwargs = dict(max_new_tokens=6, temperature=1.0, batch_size=3, seed=4, stop_token_ids=[],
+                  return_logps=True)
+    with_values = generate(model, tokenizer, prompts, value_head=head, **kwargs)
+    plain = generate(model, tokenizer, prompts, **kwargs)
+    for g, p in zip(with_values, plain):
+        assert g.completion_ids == p.completion_ids
+        torch.testing.assert_close(torch.tensor(g.logps), torch.tensor(p.logps), rtol=0,
+                                   atol=1e-6)
+        ids = torch.tensor([g.prompt_ids + g.completion_ids])
+        with torch.no_grad():
+            hidden = model.get_decoder()(ids).last_hidden_state[0]  # (T, H)
+            n = len(g.prompt_ids)
+            expected = head(hidden[n - 1:n - 1 + len(g.completion_ids)]).squeeze(-1)
+        assert len(g.values) == len(g.completion_ids)
+        torch.testing.assert_close(torch.tensor(g.values), expected, rtol=0, atol=1e-5)
 
 
 def test_peft_model_and_train_mode_restored(setup):

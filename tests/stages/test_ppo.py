@@ -273,6 +273,25 @@ def test_resume_equals_uninterrupted(prompts_file, tmp_path, monkeypatch):
     assert_same_runs(whole, part, resumed_from=3)
 
 
+def test_a_critic_on_the_policys_trunk_trains_saves_and_resumes(prompts_file, tmp_path,
+                                                                 monkeypatch, spy):
+    # critic_init shared: no second network; the value head trains (value loss logged, saved
+    # non-zero), the policy moves, and a run killed mid-rollout resumes bit for bit.
+    over = {"critic_init": "shared", "train.max_steps": 6, "train.save_every": 3}
+    whole, part = interrupted_then_resumed(prompts_file, tmp_path, monkeypatch, over, kill_at=4)
+    assert_same_runs(whole, part, resumed_from=3)
+    models = spy[0]
+    assert models.ac.critic is None and isinstance(models.ac.value_head, torch.nn.Linear)
+    rows = finite_metrics(whole)
+    assert all("value_loss" in r for r in rows) and rows[0]["value_loss"] > 0
+    assert "explained_variance" in rollouts(whole)[0] and not (whole / "critic").exists()
+    head = load_file(str(whole / "value_head.safetensors"))
+    assert set(head) == {"weight", "bias"} and torch.count_nonzero(head["weight"]) > 0
+    assert torch.equal(head["weight"], load_file(str(part / "value_head.safetensors"))["weight"])
+    start, after = initial(), trained(whole)
+    assert any(not torch.equal(start[k], after[k]) for k in after)
+
+
 def test_resume_after_an_early_stop(prompts_file, tmp_path, monkeypatch):
     # Every rollout stops after its 2nd update (see below); the checkpoint at 2 comes right
     # after the stop was decided, so the resumed run must start a new rollout at once.
@@ -429,6 +448,11 @@ def test_critic_trunk_and_value_head_train_at_their_own_learning_rates():
     default = critic_lr_groups(critic, build_config(PPOConfig, overrides=over))
     assert [lr for _, lr in default] == [PPOConfig().value_head_lr]
     assert critic_lr_groups(None, build_config(PPOConfig, overrides=over)) == []
+    # A head on the policy's trunk: only the head has a learning rate of its own.
+    shared = build_config(PPOConfig, overrides=over | {"critic_init": "shared"})
+    value_head = torch.nn.Linear(8, 1)
+    ((params, lr),) = critic_lr_groups(None, shared, value_head)
+    assert lr == PPOConfig().value_head_lr and len(params) == 2
 
 
 def test_a_critic_from_the_policy_starts_with_a_zero_value_head():
@@ -517,16 +541,20 @@ def test_rollout_evaluation_does_not_depend_on_its_chunking(algo, tmp_path):
         assert (fwd["old_values"][~resp] == 0).all()
 
 
-@pytest.mark.parametrize("dtype,atol", [(None, 1e-5), (torch.bfloat16, 0.01)])
-def test_sampler_old_logps_equal_a_recomputing_forward(dtype, atol):
+@pytest.mark.parametrize("dtype,atol,shared", [(None, 1e-5, False), (torch.bfloat16, 0.01, False),
+                                               (None, 1e-5, True)])
+def test_sampler_old_logps_equal_a_recomputing_forward(dtype, atol, shared):
     """rollout.old_logps sampler (the default) and recompute: the same samples, and old
-    log-probs, entropy, KL and advantages equal within the precision's rounding."""
+    log-probs, entropy, KL, values and advantages equal within the precision's rounding. With
+    a critic sharing the policy's trunk, the sampler's values too."""
     from alignkit.engine.device import Runtime
     from alignkit.models.heads import reward_model_from_lm
     from alignkit.models.reference import FrozenCopy
     from alignkit.models.tiny import tiny_tokenizer
     policy = tiny_model(seed=2)
-    critic = reward_model_from_lm(tiny_model(seed=3))
+    critic = reward_model_from_lm(tiny_model(seed=3)) if not shared else None
+    torch.manual_seed(5)
+    value_head = torch.nn.Linear(policy.config.hidden_size, 1) if shared else None
     prompts = [rollout.Prompt(({"role": "user", "content": str(i)},), ids)
                for i, ids in enumerate([[5, 9, 11, 4], [8, 3, 2], [7, 100, 101, 40, 41]])]
     out = {}
@@ -535,9 +563,9 @@ def test_sampler_old_logps_equal_a_recomputing_forward(dtype, atol):
             "algo": "ppo", "reward_fn": "tests.stages.test_ppo:letter_a",
             "rollout.max_new_tokens": 12, "rollout.group_size": 2, "rollout.batch_size": 4,
             "rollout.old_logps": mode})
-        models = rollout.Models(cfg, ppo.ActorCritic(policy, critic), FrozenCopy(policy),
-                                rollout.RewardFunction(cfg.reward_fn), tiny_tokenizer(),
-                                Runtime(torch.device("cpu"), dtype))
+        models = rollout.Models(cfg, ppo.ActorCritic(policy, critic, value_head),
+                                FrozenCopy(policy), rollout.RewardFunction(cfg.reward_fn),
+                                tiny_tokenizer(), Runtime(torch.device("cpu"), dtype))
         out[mode] = rollout.make_rollout(models, prompts, beta=0.1, seed=3)
     a, b = out["sampler"], out["recompute"]
     assert torch.equal(a.buffer["input_ids"], b.buffer["input_ids"])
@@ -546,6 +574,7 @@ def test_sampler_old_logps_equal_a_recomputing_forward(dtype, atol):
     for key in ("old_logps", "ref_logps", "advantages", "returns", "old_values"):
         assert torch.allclose(a.buffer[key], b.buffer[key], atol=atol, rtol=0), key
     assert (a.buffer["old_logps"][~resp] == 0).all() and (a.buffer["old_logps"][resp] < 0).all()
+    assert (a.buffer["old_values"][resp] != 0).all() and (a.buffer["old_values"][~resp] == 0).all()
     for key in ("entropy", "kl", "score", "total_reward"):
         assert a.stats[key] == pytest.approx(b.stats[key], abs=atol), key
     assert b.stats["kl"] == 0.0  # recomputed: the policy's and the reference's own forward

@@ -123,8 +123,9 @@ def test_ppo_stops_on_a_nan_reward_and_reports_kl(tmp_path, monkeypatch):
     monkeypatch.setattr(rollout.Models, "score", third_rollout_nan)
     monkeypatch.setattr(guards, "EXPLODING_KL_PER_TOKEN", 0.0)  # any KL above 0 is reported
     said = []
-    cfg = cfg_for(prompts, tmp_path / "run", **{"train.max_steps": 12,
-                                                "train.save_every": 4})
+    # recomputed old log-probs: the first rollout's KL is exactly 0, so it reports nothing
+    cfg = cfg_for(prompts, tmp_path / "run", **{"train.max_steps": 12, "train.save_every": 4,
+                                                "rollout.old_logps": "recompute"})
     with pytest.raises(TrainingError) as e:
         ppo.run(cfg, log=said.append)
     msg = str(e.value)

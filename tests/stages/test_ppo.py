@@ -295,7 +295,8 @@ def test_a_critic_on_the_policys_trunk_trains_saves_and_resumes(prompts_file, tm
 def test_resume_after_an_early_stop(prompts_file, tmp_path, monkeypatch):
     # Every rollout stops after its 2nd update (see below); the checkpoint at 2 comes right
     # after the stop was decided, so the resumed run must start a new rollout at once.
-    over = {"train.max_steps": 6, "train.save_every": 2, "target_kl": 1e-12, "ppo_epochs": 4}
+    over = {"train.max_steps": 6, "train.save_every": 2, "target_kl": 1e-12, "ppo_epochs": 4,
+            "rollout.old_logps": "recompute"}
     whole, part = interrupted_then_resumed(prompts_file, tmp_path, monkeypatch, over, kill_at=4)
     assert [r["step"] for r in rollouts(whole)] == [0, 2, 4]
     assert_same_runs(whole, part, resumed_from=2)
@@ -303,9 +304,10 @@ def test_resume_after_an_early_stop(prompts_file, tmp_path, monkeypatch):
 
 def test_early_stop_on_approx_kl(prompts_file, tmp_path):
     # 4 updates per rollout without a stop. The first update of a rollout has approx KL exactly 0
-    # (ratio 1); a tiny target stops the rollout after the second: a new rollout every 2 steps.
+    # (ratio 1, old log-probs recomputed); a tiny target stops the rollout after the second: a
+    # new rollout every 2 steps.
     cfg = cfg_for(prompts_file, tmp_path / "run", target_kl=1e-12, ppo_epochs=4,
-                  **{"train.max_steps": 4})
+                  **{"train.max_steps": 4, "rollout.old_logps": "recompute"})
     run = ppo.run(cfg, **QUIET)
     assert [r["step"] for r in rollouts(run)] == [0, 2]
     assert sorted(p.name for p in (run / "rollouts").glob("stop-*.json"))[:2] == [

@@ -363,7 +363,7 @@ def vm_hwm_mib() -> float:
 
 
 TRL_SEEN: dict = {}  # the settings a TRL run actually trained with
-ROLLOUT_SPLIT: list = []  # alignkit RL: each rollout's sampling, scoring and update seconds
+ROLLOUT_SPLIT: list = []  # alignkit RL: each rollout's sampling, scoring, evaluation, update seconds
 RL_LENGTHS: list[list[int]] = []  # completion tokens per reward call (one call per rollout)
 _TOK = []
 
